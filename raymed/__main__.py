@@ -1,0 +1,3 @@
+from raymed.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,96 @@
+"""The `raymed` command line (also `python -m raymed`)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from raymed.errors import RaymedError
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except RaymedError as err:
+        print(f"raymed: error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("raymed: interrupted", file=sys.stderr)
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="raymed",
+        description="Fine-tune and serve a medical-assistant language model with Ray.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    assets = commands.add_parser(
+        "assets",
+        help="build the default model, tokenizer, corpus and eval set into RAYMED_CACHE",
+        description="Build (or check) the offline default assets. Idempotent: what is "
+        "already built and intact is left alone; a missing, truncated or corrupt entry is rebuilt.",
+    )
+    assets.add_argument("--cache", type=Path, help="cache directory (default: $RAYMED_CACHE or ~/.cache/raymed)")
+    assets.add_argument("--only", nargs="+", metavar="ASSET", help="build only these (model, gpt2-tokenizer, corpus)")
+    assets.add_argument("--seed", type=int, default=0, help="seed for the corpus split and wording (default 0)")
+    assets.add_argument("--force", action="store_true", help="rebuild even what is present")
+    assets.add_argument("--check", action="store_true", help="verify checksums only, build nothing")
+    assets.set_defaults(run=_run_assets)
+
+    config = commands.add_parser(
+        "config",
+        help="validate a config and print it resolved",
+        description="Load a preset or YAML file, apply --set overrides, validate, print as YAML.",
+    )
+    _add_config_args(config)
+    config.set_defaults(run=_run_config)
+    return parser
+
+
+def _add_config_args(parser: argparse.ArgumentParser) -> None:
+    from raymed.config import preset_names
+
+    parser.add_argument(
+        "--config", default=None, help=f"a YAML path or a preset: {', '.join(preset_names())}"
+    )
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override a field, e.g. --set train.lr=3e-4 (repeatable)",
+    )
+
+
+def _run_assets(args: argparse.Namespace) -> int:
+    from raymed.assets import ASSET_NAMES, build_assets, check_assets
+
+    if args.check:
+        statuses = check_assets(args.cache, seed=args.seed)
+    else:
+        names = tuple(args.only) if args.only else ASSET_NAMES
+        statuses = build_assets(args.cache, names, seed=args.seed, force=args.force)
+    for status in statuses:
+        print(f"{status.name:15} {status.state:8} {', '.join(str(p) for p in status.paths)}")
+        _print_summary(status.summary)
+    bad = [s.name for s in statuses if s.state not in ("built", "present")]
+    if bad:
+        raise RaymedError(f"not usable: {', '.join(bad)}: run `raymed assets` to rebuild")
+    return 0
+
+
+def _print_summary(summary: dict, indent: str = "    ") -> None:
+    for key, value in summary.items():
+        if isinstance(value, dict):
+            print(f"{indent}{key}:")
+            _print_summary(value, indent + "  ")
+        else:
+            print(f"{indent}{key}: {value}")
+
+
+def _run_config(args: argparse.Namespace) -> int:
+    from raymed.config import dump_yaml, load_config
+
+    print(dump_yaml(load_config(args.config, args.overrides)), end="")
+    return 0
