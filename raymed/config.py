@@ -59,6 +59,10 @@ class DataConfig(_Section):
     shape: Literal["auto", "text", "instruction", "qa", "messages"] = "auto"
     block_size: int = Field(512, ge=16)
     on_bad_row: Literal["skip", "fail"] = "skip"
+    tokenizer_actors: int = Field(1, ge=1)
+    """Size of the Ray Data actor pool that tokenizes (one tokenizer per actor)."""
+    deterministic: bool = False
+    """Same seed → same batches on the same rank in the same order (for resume and tests)."""
 
 
 class TrainConfig(_Section):

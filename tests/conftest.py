@@ -15,3 +15,14 @@ def default_assets() -> Path:
     """RAYMED_CACHE with every default asset built (idempotent)."""
     build_assets()
     return default_cache_dir()
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray cluster for the whole test session (4 logical CPUs on 2 cores, so
+    two Train workers plus Ray Data actors fit)."""
+    import ray
+
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()

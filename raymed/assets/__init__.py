@@ -110,3 +110,22 @@ def _select(names: tuple[str, ...]) -> list[Asset]:
 
 def _paths(asset: Asset, root: Path) -> list[Path]:
     return [root / rel for rel in asset.outputs]
+
+
+def resolve_pretrained(name: str, cache_dir: Path | None = None) -> str:
+    """A model or tokenizer reference as transformers loads it: a cached asset
+    (`smollm2-135m-instruct`, `gpt2`), else a local directory, else a hub id as given."""
+    for kind in ("models", "tokenizers"):
+        rel = f"{kind}/{name}"
+        if any(rel in a.outputs for a in ASSETS):
+            return str(asset_path(rel, cache_dir))
+    local = Path(name).expanduser()
+    return str(local) if local.exists() else name
+
+
+def resolve_corpus(train: str, validation: str | None, cache_dir: Path | None = None) -> tuple[str, str | None]:
+    """Train and validation paths: a cached corpus name (`medical-v1`) means its two files."""
+    if f"corpus/{train}" in (o for a in ASSETS for o in a.outputs):
+        root = asset_path(f"corpus/{train}", cache_dir)
+        return str(root / "train.jsonl"), validation or str(root / "validation.jsonl")
+    return train, validation

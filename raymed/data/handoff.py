@@ -1,0 +1,53 @@
+"""The handoff to Ray Train workers: which DataConfig the trainer uses, and the batches
+each worker iterates (`input_ids`, `labels`, `position_ids` as int64 tensors).
+
+Streaming mode (default): Ray Data's streaming split hands blocks to whichever worker
+asks first — fastest, but the batches a rank sees vary run to run.
+Deterministic mode: every worker reads the whole ordered (seed-shuffled, materialized)
+dataset and keeps its own slice of each global batch: rank r takes rows
+[r·micro, (r+1)·micro) of global batch i. Same seed → same batches on the same rank in
+the same order; a resumed run skips the global batches already consumed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from ray.data import ExecutionOptions
+from ray.train import DataConfig
+
+from raymed.data.pipeline import BLOCK_FIELDS
+
+
+def train_data_config(deterministic: bool) -> DataConfig:
+    """The `dataset_config` for `TorchTrainer`."""
+    if deterministic:
+        return DataConfig(datasets_to_split=[], execution_options=ExecutionOptions(preserve_order=True))
+    return DataConfig()
+
+
+def worker_batches(key: str, micro_batch_size: int, *, deterministic: bool, skip_batches: int = 0) -> Iterator[dict[str, torch.Tensor]]:
+    """Inside a Ray Train worker: this rank's batches of dataset `key` for one epoch."""
+    import ray.train
+
+    context = ray.train.get_context()
+    return rank_batches(
+        ray.train.get_dataset_shard(key), micro_batch_size,
+        rank=context.get_world_rank(), world_size=context.get_world_size(),
+        deterministic=deterministic, skip_batches=skip_batches,
+    )
+
+
+def rank_batches(source, micro_batch_size: int, *, rank: int, world_size: int,
+                 deterministic: bool, skip_batches: int = 0) -> Iterator[dict[str, torch.Tensor]]:
+    """Batches for `rank` from a Dataset or DataIterator (this rank's shard when streaming,
+    the whole dataset when deterministic). Incomplete final batches are dropped so every
+    rank takes the same number of steps."""
+    width = micro_batch_size * world_size if deterministic else micro_batch_size
+    lo = rank * micro_batch_size if deterministic else 0
+    batches = source.iter_batches(batch_size=width, drop_last=True, batch_format="numpy")
+    for index, batch in enumerate(batches):
+        if index < skip_batches:
+            continue
+        yield {name: torch.as_tensor(batch[name][lo : lo + micro_batch_size]) for name in BLOCK_FIELDS}
