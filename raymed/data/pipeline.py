@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,6 +31,9 @@ from raymed.errors import RaymedError
 FORMATS = {".jsonl": "jsonl", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text"}
 BLOCK_FIELDS = ("input_ids", "labels", "position_ids")
 SHAPE_SAMPLE = 200
+PACK_GROUP = 4096
+"""About how many examples are packed together in one sorted partition."""
+ORDER_RANGE = 2**63
 
 
 @dataclass
@@ -68,7 +72,7 @@ def build_datasets(config: Config) -> tuple[dict[str, ray.data.Dataset], DataSta
         },
         batch_format="pyarrow",
         batch_size=256,
-        concurrency=data.tokenizer_actors,
+        compute=ray.data.ActorPoolStrategy(size=data.tokenizer_actors),
     ).materialize()
     stats = _count(examples, shape, data.block_size)
     if stats.bad and data.on_bad_row == "fail":
@@ -78,17 +82,37 @@ def build_datasets(config: Config) -> tuple[dict[str, ray.data.Dataset], DataSta
         )
     datasets = {}
     for split in ("train", "validation"):
-        kept = examples.filter(expr=f"error == '' and split == '{split}'").sort("order")
-        blocks = kept.map_batches(
-            _pack_batch, fn_kwargs={"block_size": data.block_size, "pad_id": _pad_id(tokenizer_path)},
-            batch_format="pyarrow", batch_size=4096,
-        ).materialize()
+        kept = examples.filter(expr=f"error == '' and split == '{split}'")
+        with _ordered_execution():
+            blocks = _sorted_in_fixed_groups(kept).map_batches(
+                _pack_batch, fn_kwargs={"block_size": data.block_size, "pad_id": _pad_id(tokenizer_path)},
+                batch_format="pyarrow", batch_size=None,
+            ).materialize()
         datasets[split] = blocks
         stats.blocks[split] = blocks.count()
         stats.tokens[split] = int(blocks.sum("real_tokens") or 0)
     if stats.blocks["train"] == 0:
         raise RaymedError(f"no training examples left in {train_path} ({_reasons(stats.bad) or 'empty'})")
     return datasets, stats
+
+
+def _sorted_in_fixed_groups(examples: ray.data.Dataset) -> ray.data.Dataset:
+    """Examples in seeded order, partitioned at fixed `order` boundaries, so every run packs
+    the same examples together whatever Ray's sampling or scheduling does."""
+    groups = max(1, examples.count() // PACK_GROUP)
+    step = ORDER_RANGE // groups
+    return examples.sort("order", boundaries=[i * step for i in range(1, groups)])
+
+
+@contextmanager
+def _ordered_execution():
+    """Keep block order through the packing step (Ray Data reorders by completion otherwise)."""
+    options = ray.data.DataContext.get_current().execution_options
+    before, options.preserve_order = options.preserve_order, True
+    try:
+        yield
+    finally:
+        options.preserve_order = before
 
 
 def read_records(path: str, split: str | None = None) -> ray.data.Dataset:
@@ -212,7 +236,7 @@ class Tokenize:
         digest = hashlib.blake2b(f"{self.seed}\0{row['record']}".encode(), digest_size=16).digest()
         if row.get("forced_split") is None and int.from_bytes(digest[8:], "big") / 2**64 < self.val_fraction:
             out["split"] = "validation"
-        return {**out, "input_ids": ids, "labels": labels, "order": int.from_bytes(digest[:8], "big") >> 1}
+        return {**out, "input_ids": ids, "labels": labels, "order": int.from_bytes(digest[:8], "big") % ORDER_RANGE}
 
 
 EXAMPLE_SCHEMA = pa.schema([
