@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from jinja2 import TemplateError
+
 IGNORE_INDEX = -100
 SHAPES = ("text", "instruction", "qa", "messages")
 ROLES = {"system": "system", "user": "user", "assistant": "assistant",
@@ -69,7 +71,9 @@ def to_messages(record: dict, shape: str) -> list[dict] | str:
         return _text(record, "text")
     if shape == "instruction":
         prompt = _text(record, "instruction")
-        extra = record.get("input") or ""
+        extra = record.get("input")
+        if extra is None:
+            extra = ""
         if not isinstance(extra, str):
             raise BadRecord("bad_field", "input is not a string")
         if extra.strip():
@@ -104,10 +108,17 @@ def _chat(record: dict) -> list[dict]:
         if role is None:
             raise BadRecord("unknown_role", str(turn.get("role", turn.get("from"))))
         content = turn.get("content", turn.get("value"))
-        if not isinstance(content, str) or not content.strip():
+        if content is None:
+            raise BadRecord("missing_field", "message content")
+        if not isinstance(content, str):
+            raise BadRecord("bad_field", "message content is not a string")
+        if not content.strip():
             raise BadRecord("empty_text", "message content")
         messages.append({"role": role, "content": content})
-    if not any(m["role"] == "assistant" for m in messages):
+    speakers = [m["role"] for m in messages if m["role"] != "system"]
+    if speakers and speakers[0] == "assistant":
+        raise BadRecord("assistant_first", "a chat must open with a user turn")
+    if "assistant" not in speakers:
         raise BadRecord("no_answer", "no assistant message to train on")
     return messages
 
@@ -136,9 +147,12 @@ def render(tokenizer, messages: list[dict] | str) -> tuple[str, list[tuple[int, 
 
 
 def _apply(tokenizer, template: str, messages: list[dict], add_generation_prompt: bool) -> str:
-    return tokenizer.apply_chat_template(
-        messages, chat_template=template, tokenize=False, add_generation_prompt=add_generation_prompt
-    )
+    try:
+        return tokenizer.apply_chat_template(
+            messages, chat_template=template, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
+    except TemplateError as err:  # e.g. a template that insists roles alternate
+        raise BadRecord("template_error", str(err)) from None
 
 
 def tokenize(tokenizer, text: str, spans: list[tuple[int, int]]) -> tuple[list[int], list[int]]:
