@@ -23,6 +23,9 @@ def ray_cluster():
     two Train workers plus Ray Data actors fit)."""
     import ray
 
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    # Workers import test modules (Train loops defined in tests) from tests/.
+    tests_dir = str(Path(__file__).resolve().parent)
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": tests_dir}})
     yield
     ray.shutdown()
