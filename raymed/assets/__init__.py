@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from raymed.assets import cache, corpus, models
-from raymed.assets.cache import Asset, default_cache_dir
+from raymed.assets.cache import Asset, default_cache_dir, source_digest
 from raymed.errors import RaymedError
 
 ASSETS = (
@@ -35,7 +35,7 @@ ASSETS = (
         name="corpus",
         outputs=("corpus/medical-v1", "eval/medical-mcq-v1.jsonl"),
         build=corpus.build_corpus,
-        recipe="medical-v1/1",
+        recipe=f"medical-v1/{source_digest(corpus)}",  # any change to the builder rebuilds
         progress_unit="record",
     ),
 )

@@ -47,6 +47,11 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("RAYMED_CACHE", "~/.cache/raymed")).expanduser()
 
 
+def source_digest(module) -> str:
+    """A short digest of a module's source, for recipes that follow the code."""
+    return hashlib.sha256(Path(module.__file__).read_bytes()).hexdigest()[:12]
+
+
 def check(asset: Asset, cache: Path, seed: int, *, full: bool) -> str | None:
     """None when the asset is complete and current, else why it is not."""
     manifest = read_manifest(asset, cache)
