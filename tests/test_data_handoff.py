@@ -21,9 +21,9 @@ def _record_batches(config: dict) -> None:
     import ray.train
 
     rank = ray.train.get_context().get_world_rank()
-    batches = worker_batches("train", MICRO, deterministic=config["deterministic"])
+    batches = list(worker_batches("train", MICRO, deterministic=config["deterministic"]))
     seen = [[row.tolist() for row in batch["input_ids"]] for batch in batches]
-    shapes = {tuple(t.shape) for b in worker_batches("train", MICRO, deterministic=config["deterministic"]) for t in b.values()}
+    shapes = {tuple(t.shape) for batch in batches for t in batch.values()}
     with open(f"{config['out']}/rank{rank}.json", "w") as f:
         json.dump({"batches": seen, "shapes": sorted(shapes)}, f)
 

@@ -105,6 +105,6 @@ def test_abbreviation_multiple_choice_well_above_chance(converted, default_asset
         logprobs = option_logprobs(model, tokenizer, item["question"], item["options"])
         normalised += pick(item["options"], logprobs) == item["answer"]
         total += pick(item["options"], logprobs, length_norm=False) == item["answer"]
-    # Chance is 25/100; P(X >= 38) under chance is below 0.3%. Measured: 44 and 54.
-    assert normalised >= 38, f"length-normalised: {normalised}/100 correct"
+    # Chance is 25/100; P(X >= 45) under chance is below 1e-5. Measured (seed 0): 54 and 57.
+    assert normalised >= 45, f"length-normalised: {normalised}/100 correct"
     assert total >= 45, f"total log-likelihood: {total}/100 correct"

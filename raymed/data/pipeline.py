@@ -226,7 +226,8 @@ class Tokenize:
         if out["error"]:
             return out
         try:
-            ids, labels = tokenize(self.tokenizer, *render(self.tokenizer, to_messages(json.loads(row["record"]), self.shape)))
+            messages = to_messages(json.loads(row["record"]), self.shape)
+            ids, labels = tokenize(self.tokenizer, *render(self.tokenizer, messages))
         except BadRecord as err:
             return {**out, "error": err.reason}
         if len(ids) > self.block_size:
