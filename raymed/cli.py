@@ -110,7 +110,8 @@ def _run_data_inspect(args: argparse.Namespace) -> int:
     from raymed.data.pipeline import build_datasets
 
     config = load_config(args.config, [*args.overrides, f"data.train_path={args.path}"])
-    ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
+    if not ray.is_initialized():
+        ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
     _, stats = build_datasets(config)
     print(report(args.path, stats))
     if args.plot:
