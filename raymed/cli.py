@@ -54,6 +54,15 @@ def _parser() -> argparse.ArgumentParser:
     _add_config_args(inspect)
     inspect.set_defaults(run=_run_data_inspect)
 
+    train = commands.add_parser(
+        "train",
+        help="fine-tune (or pretrain) with Ray Train; a rerun with the same run name resumes",
+        description="Run the data stage, then a TorchTrainer (DDP: gloo on CPU, NCCL on GPU). "
+        "Checkpoints go to <storage_path>/runs/<run_name>/train/.",
+    )
+    _add_config_args(train)
+    train.set_defaults(run=_run_train)
+
     config = commands.add_parser(
         "config",
         help="validate a config and print it resolved",
@@ -117,6 +126,25 @@ def _run_data_inspect(args: argparse.Namespace) -> int:
     if args.plot:
         plot(stats, args.plot)
         print(f"histogram written to {args.plot}")
+    return 0
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    import ray
+
+    from raymed.config import load_config
+    from raymed.data.pipeline import build_datasets
+    from raymed.train import fit
+
+    config = load_config(args.config, args.overrides)
+    if not ray.is_initialized():
+        ray.init(include_dashboard=False, configure_logging=False)
+    datasets, _ = build_datasets(config)
+    result = fit(config, datasets)
+    if result.error:
+        raise RaymedError(f"training failed: {result.error}")
+    print(f"final metrics: {result.metrics}")
+    print(f"latest checkpoint: {result.checkpoint.path if result.checkpoint else 'none'}")
     return 0
 
 

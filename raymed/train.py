@@ -1,0 +1,212 @@
+"""Ray Train fine-tuning: a TorchTrainer whose workers run one DDP training loop.
+
+Checkpoints are Hugging Face directories (`from_pretrained` loads them as they are,
+tokenizer included) plus `optimizer.pt` / `scheduler.pt` (tensors only, loaded with
+`weights_only=True`) and `trainer_state.json` (step, data position, and the step the
+writing attempt started from). A restarted worker
+group, or a rerun with the same run name, resumes from the latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+import time
+from itertools import islice
+from pathlib import Path
+
+import torch
+
+from raymed.assets import resolve_pretrained
+from raymed.config import Config, ModelConfig
+from raymed.data.records import IGNORE_INDEX
+from raymed.errors import RaymedError
+
+STATE_FILE = "trainer_state.json"
+
+
+def build_model(model_config: ModelConfig, tokenizer):
+    """The causal LM to train: pretrained weights, or a fresh model of `architecture`."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    attn = model_config.attn_implementation
+    if model_config.init == "scratch":
+        arch = dict(model_config.architecture)
+        config = AutoConfig.for_model(arch.pop("model_type"), vocab_size=len(tokenizer), **arch)
+        return AutoModelForCausalLM.from_config(config, attn_implementation=attn)
+    path = resolve_pretrained(model_config.name)
+    try:
+        return AutoModelForCausalLM.from_pretrained(path, attn_implementation=attn, dtype=torch.float32)
+    except (OSError, ValueError) as err:
+        raise RaymedError(f"{model_config.name} is not a causal LM that transformers can load: {err}") from None
+
+
+def set_trainable(model, scope: str, top_layers: int | None) -> None:
+    """Freeze what `scope` does not train: `top_layers` trains the last N blocks and the head."""
+    if scope == "full":
+        return
+    if scope != "top_layers":
+        raise RaymedError(f"train.scope {scope!r} is not supported yet: use full or top_layers")
+    layers = model.base_model.layers if hasattr(model.base_model, "layers") else model.base_model.h
+    if top_layers > len(layers):
+        raise RaymedError(f"train.top_layers is {top_layers} but the model has {len(layers)} layers")
+    for param in model.parameters():
+        param.requires_grad = False
+    for module in [*layers[-top_layers:], model.get_output_embeddings()]:
+        for param in module.parameters():
+            param.requires_grad = True
+
+
+def token_metrics(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, int, int]:
+    """Summed next-token loss, correct predictions, and counted tokens (labels != -100)."""
+    logits, targets = logits[:, :-1].float(), labels[:, 1:]
+    mask = targets != IGNORE_INDEX
+    loss = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
+    correct = ((logits.argmax(-1) == targets) & mask).sum()
+    return loss.item(), int(correct), int(mask.sum())
+
+
+def validate(model, batches) -> dict[str, float]:
+    """val_loss, val_ppl and val_token_acc over `batches`, summed across all workers."""
+    import torch.distributed as dist
+
+    totals = torch.zeros(3, dtype=torch.float64)
+    model.eval()
+    with torch.no_grad():
+        for batch in batches:
+            logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits
+            totals += torch.tensor(token_metrics(logits, batch["labels"]), dtype=torch.float64)
+    model.train()
+    if dist.is_initialized():
+        dist.all_reduce(totals)
+    loss_sum, correct, count = totals.tolist()
+    if count == 0:
+        raise RaymedError("the validation split has no tokens to score: give more data or a validation_path")
+    val_loss = loss_sum / count
+    return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50)), "val_token_acc": correct / count}
+
+
+def train_loop_per_worker(config_data: dict) -> None:
+    """One worker's loop (runs inside Ray Train)."""
+    import ray.train
+    from ray.train.torch import prepare_model
+    from transformers import AutoTokenizer, get_scheduler
+
+    from raymed.data.handoff import worker_batches
+
+    config = Config.model_validate(config_data)
+    train = config.train
+    torch.manual_seed(config.seed)
+    tokenizer = AutoTokenizer.from_pretrained(resolve_pretrained(config.model.tokenizer or config.model.name))
+    model = build_model(config.model, tokenizer)
+    set_trainable(model, train.scope, train.top_layers)
+    model = prepare_model(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay)
+    scheduler = get_scheduler(train.lr_schedule, optimizer, train.warmup_steps, train.max_steps)
+    step, position = _resume(model, optimizer, scheduler)
+    start_step = step
+    micro = train.micro_batch_size
+    stream = islice(_endless(lambda: worker_batches("train", micro, deterministic=config.data.deterministic)), position, None)
+    rank0 = ray.train.get_context().get_world_rank() == 0
+    tokens, started = 0, time.perf_counter()
+    while step < train.max_steps:
+        loss_sum = 0.0
+        for _ in range(train.grad_accum):
+            batch = next(stream)
+            position += 1
+            loss = model(**batch).loss / train.grad_accum
+            loss.backward()
+            loss_sum += loss.item()
+            tokens += int((batch["labels"] != IGNORE_INDEX).sum())
+        if not math.isfinite(loss_sum):
+            raise RaymedError(f"loss is {loss_sum} at step {step + 1}: stopping; the last good checkpoint is kept")
+        torch.nn.utils.clip_grad_norm_(params, train.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        metrics = {"step": step, "train_loss": loss_sum, "lr": scheduler.get_last_lr()[0],
+                   "tokens_per_s": tokens / (time.perf_counter() - started)}
+        if step % train.eval_every == 0 or step == train.max_steps:
+            val = worker_batches("validation", micro, deterministic=config.data.deterministic)
+            metrics |= validate(model, val)
+            state = {"step": step, "data_position": position, "attempt_started_at_step": start_step}
+            _report_with_checkpoint(metrics, state, model, tokenizer, optimizer, scheduler, rank0)
+        else:
+            ray.train.report(metrics)
+
+
+def _endless(make_epoch):
+    while True:
+        yield from make_epoch()
+
+
+def _resume(model, optimizer, scheduler) -> tuple[int, int]:
+    """(step, data position) from the latest checkpoint, after loading its state."""
+    import ray.train
+    from safetensors.torch import load_model
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return 0, 0
+    with checkpoint.as_directory() as directory:
+        directory = Path(directory)
+        load_model(_unwrap(model), directory / "model.safetensors", strict=False)
+        optimizer.load_state_dict(torch.load(directory / "optimizer.pt", weights_only=True))
+        scheduler.load_state_dict(torch.load(directory / "scheduler.pt", weights_only=True))
+        state = json.loads((directory / STATE_FILE).read_text())
+    print(f"resumed from checkpoint {checkpoint.path} at step {state['step']}")
+    return state["step"], state["data_position"]
+
+
+def _report_with_checkpoint(metrics, state, model, tokenizer, optimizer, scheduler, rank0) -> None:
+    import ray.train
+    from ray.train import Checkpoint
+
+    with tempfile.TemporaryDirectory() as directory:
+        checkpoint = None
+        if rank0:
+            out = Path(directory)
+            _unwrap(model).save_pretrained(out)
+            tokenizer.save_pretrained(out)
+            torch.save(optimizer.state_dict(), out / "optimizer.pt")
+            torch.save(scheduler.state_dict(), out / "scheduler.pt")
+            (out / STATE_FILE).write_text(json.dumps(state))
+            checkpoint = Checkpoint.from_directory(directory)
+        ray.train.report(metrics, checkpoint=checkpoint)
+
+
+def _unwrap(model):
+    return model.module if hasattr(model, "module") else model
+
+
+def fit(config: Config, datasets: dict):
+    """Run the TorchTrainer for `config` on the data stage's `datasets`; the Ray Result."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from raymed.data.handoff import train_data_config
+
+    train = config.train
+    storage = Path(config.storage_path).expanduser() / "runs" / config.run_name / "train"
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=config.model_dump(),
+        scaling_config=ScalingConfig(num_workers=train.num_workers, use_gpu=train.use_gpu,
+                                     resources_per_worker={"CPU": train.cpus_per_worker}),
+        datasets=datasets,
+        dataset_config=train_data_config(config.data.deterministic),
+        run_config=RunConfig(
+            name=config.run_name,
+            storage_path=str(storage),
+            checkpoint_config=CheckpointConfig(num_to_keep=train.keep_checkpoints,
+                                               checkpoint_score_attribute="val_loss",
+                                               checkpoint_score_order="min"),
+            failure_config=FailureConfig(max_failures=train.max_failures),
+        ),
+    )
+    return trainer.fit()

@@ -1,0 +1,70 @@
+"""Ray Train fine-tuning: metrics by hand, frozen layers, and a real 2-worker run that
+checkpoints, loads with from_pretrained, and resumes."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from raymed.config import load_config
+from raymed.data.pipeline import build_datasets
+from raymed.train import STATE_FILE, fit, set_trainable, token_metrics
+
+
+def test_token_metrics_match_a_hand_checked_case():
+    # Two positions are scored (labels at t=1,2); position t's logits predict token t+1.
+    logits = torch.tensor([[[2.0, 0.0, 0.0], [0.0, 0.0, 3.0], [0.0, 0.0, 0.0]]])
+    labels = torch.tensor([[-100, 0, 2]])
+    loss, correct, count = token_metrics(logits, labels)
+    expected = -math.log(math.exp(2) / (math.exp(2) + 2)) - math.log(math.exp(3) / (math.exp(3) + 2))
+    assert count == 2 and correct == 2
+    assert loss == pytest.approx(expected, rel=1e-6)
+    _, correct, _ = token_metrics(logits, torch.tensor([[-100, 1, 2]]))
+    assert correct == 1
+
+
+def test_top_layers_freezes_everything_below():
+    config = AutoConfig.for_model("llama", vocab_size=64, hidden_size=16, intermediate_size=32,
+                                  num_hidden_layers=3, num_attention_heads=2, num_key_value_heads=1)
+    model = AutoModelForCausalLM.from_config(config)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    set_trainable(model, "top_layers", 1)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    ids = torch.randint(0, 64, (2, 8))
+    model(input_ids=ids, labels=ids).loss.backward()
+    optimizer.step()
+    for name, param in model.named_parameters():
+        frozen = "layers.2." not in name and "lm_head" not in name
+        assert torch.equal(param, before[name]) == frozen, name
+
+
+@pytest.mark.slow
+def test_two_workers_train_checkpoint_and_resume(ray_cluster, default_assets, tmp_path):
+    corpus = tmp_path / "qa.jsonl"
+    corpus.write_text("".join(
+        json.dumps({"question": f"What is sign {i}?", "answer": f"Sign {i} suggests infection."}) + "\n"
+        for i in range(80)))
+    base = [f"data.train_path={corpus}", "data.block_size=64", "data.val_fraction=0.1",
+            "data.deterministic=true", f"storage_path={tmp_path}", "run_name=resume-test",
+            "train.eval_every=2"]
+    config = load_config("ci-tiny", [*base, "train.max_steps=4", "train.warmup_steps=1"])
+    datasets, _ = build_datasets(config)
+    result = fit(config, datasets)
+    assert result.error is None
+    assert result.metrics["step"] == 4
+    assert all(math.isfinite(result.metrics[k]) for k in ("train_loss", "val_loss", "val_ppl"))
+    checkpoint = Path(result.checkpoint.path)
+    assert json.loads((checkpoint / STATE_FILE).read_text())["step"] == 4
+    model = AutoModelForCausalLM.from_pretrained(checkpoint)  # loads as it is
+    assert model.config.num_hidden_layers == 2
+
+    longer = load_config("ci-tiny", [*base, "train.max_steps=6", "train.warmup_steps=1"])
+    resumed = fit(longer, datasets)
+    assert resumed.metrics["step"] == 6
+    state = json.loads((Path(resumed.checkpoint.path) / STATE_FILE).read_text())
+    assert state["attempt_started_at_step"] == 4  # resumed, not restarted from step 0
