@@ -17,6 +17,7 @@ from itertools import islice
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from raymed.assets import resolve_pretrained
 from raymed.config import Config, ModelConfig
@@ -24,6 +25,34 @@ from raymed.data.records import IGNORE_INDEX
 from raymed.errors import RaymedError
 
 STATE_FILE = "trainer_state.json"
+METRICS_FILE = "metrics.jsonl"
+
+
+def train_dir(config: Config) -> Path:
+    """Where Ray Train writes this run (checkpoints under <run_name>/, logs under logs/)."""
+    return Path(config.storage_path).expanduser() / "runs" / config.run_name / "train"
+
+
+class RunLog:
+    """Rank 0's record of every step: TensorBoard event files and a metrics.jsonl line."""
+
+    def __init__(self, directory: Path):
+        from tensorboardX import SummaryWriter
+
+        directory.mkdir(parents=True, exist_ok=True)
+        self.writer = SummaryWriter(str(directory))
+        self.lines = (directory / METRICS_FILE).open("a")
+
+    def log(self, metrics: dict) -> None:
+        for name, value in metrics.items():
+            if name != "step":
+                self.writer.add_scalar(name, value, metrics["step"])
+        self.lines.write(json.dumps(metrics) + "\n")
+        self.lines.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+        self.lines.close()
 
 
 def build_model(model_config: ModelConfig, tokenizer):
@@ -112,6 +141,8 @@ def train_loop_per_worker(config_data: dict) -> None:
     micro = train.micro_batch_size
     stream = islice(_endless(lambda: worker_batches("train", micro, deterministic=config.data.deterministic)), position, None)
     rank0 = ray.train.get_context().get_world_rank() == 0
+    run_log = RunLog(train_dir(config) / "logs") if rank0 else None
+    progress = tqdm(total=train.max_steps, initial=step, desc="train", disable=not rank0)
     tokens, started = 0, time.perf_counter()
     while step < train.max_steps:
         loss_sum = 0.0
@@ -138,6 +169,13 @@ def train_loop_per_worker(config_data: dict) -> None:
             _report_with_checkpoint(metrics, state, model, tokenizer, optimizer, scheduler, rank0)
         else:
             ray.train.report(metrics)
+        if rank0:
+            run_log.log(metrics)
+            progress.update(1)
+            progress.set_postfix(loss=f"{loss_sum:.3f}")
+    if rank0:
+        run_log.close()
+        progress.close()
 
 
 def _endless(make_epoch):
@@ -192,7 +230,6 @@ def fit(config: Config, datasets: dict):
     from raymed.data.handoff import train_data_config
 
     train = config.train
-    storage = Path(config.storage_path).expanduser() / "runs" / config.run_name / "train"
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=config.model_dump(),
@@ -202,7 +239,7 @@ def fit(config: Config, datasets: dict):
         dataset_config=train_data_config(config.data.deterministic),
         run_config=RunConfig(
             name=config.run_name,
-            storage_path=str(storage),
+            storage_path=str(train_dir(config)),
             checkpoint_config=CheckpointConfig(num_to_keep=train.keep_checkpoints,
                                                checkpoint_score_attribute="val_loss",
                                                checkpoint_score_order="min"),

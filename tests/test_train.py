@@ -13,7 +13,11 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from raymed.config import load_config
 from raymed.data.pipeline import build_datasets
-from raymed.train import STATE_FILE, fit, set_trainable, token_metrics
+from raymed.train import METRICS_FILE, STATE_FILE, fit, set_trainable, token_metrics, train_dir
+
+# First four training losses of the ci-tiny run below (seed 0, deterministic data, 2 gloo
+# workers), recorded on 2026-11-25. A change that moves them is a change in training.
+GOLDEN_LOSSES = [10.842616, 10.855457, 10.527770, 10.399572]
 
 
 def test_token_metrics_match_a_hand_checked_case():
@@ -57,6 +61,10 @@ def test_two_workers_train_checkpoint_and_resume(ray_cluster, default_assets, tm
     result = fit(config, datasets)
     assert result.error is None
     assert result.metrics["step"] == 4
+    logged = [json.loads(line) for line in (train_dir(config) / "logs" / METRICS_FILE).read_text().splitlines()]
+    assert [m["step"] for m in logged] == [1, 2, 3, 4]
+    assert [m["train_loss"] for m in logged] == pytest.approx(GOLDEN_LOSSES, abs=1e-4)
+    assert list((train_dir(config) / "logs").glob("events.out.tfevents.*"))
     assert all(math.isfinite(result.metrics[k]) for k in ("train_loss", "val_loss", "val_ppl"))
     checkpoint = Path(result.checkpoint.path)
     assert json.loads((checkpoint / STATE_FILE).read_text())["step"] == 4
