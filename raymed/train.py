@@ -222,8 +222,9 @@ def _unwrap(model):
     return model.module if hasattr(model, "module") else model
 
 
-def fit(config: Config, datasets: dict):
-    """Run the TorchTrainer for `config` on the data stage's `datasets`; the Ray Result."""
+def fit(config: Config, datasets: dict, loop=train_loop_per_worker):
+    """Run the TorchTrainer for `config` on the data stage's `datasets`; the Ray Result.
+    `loop` is the per-worker function (tests wrap it to inject faults)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -231,7 +232,7 @@ def fit(config: Config, datasets: dict):
 
     train = config.train
     trainer = TorchTrainer(
-        train_loop_per_worker,
+        loop,
         train_loop_config=config.model_dump(),
         scaling_config=ScalingConfig(num_workers=train.num_workers, use_gpu=train.use_gpu,
                                      resources_per_worker={"CPU": train.cpus_per_worker}),

@@ -76,3 +76,58 @@ def test_two_workers_train_checkpoint_and_resume(ray_cluster, default_assets, tm
     assert resumed.metrics["step"] == 6
     state = json.loads((Path(resumed.checkpoint.path) / STATE_FILE).read_text())
     assert state["attempt_started_at_step"] == 4  # resumed, not restarted from step 0
+
+
+CRASH_STEP = 3
+
+
+def _crash_once_on_rank1(config_data: dict) -> None:
+    """The real loop, with rank 1 dying (os._exit) right after step CRASH_STEP's report on
+    the first attempt; a marker file makes the fault one-shot."""
+    import os
+
+    import ray.train
+
+    from raymed.train import train_loop_per_worker
+
+    marker = Path(config_data["storage_path"]) / "crashed"
+    real_report = ray.train.report
+
+    def report(metrics, checkpoint=None, **kwargs):
+        real_report(metrics, checkpoint=checkpoint, **kwargs)
+        if (metrics["step"] == CRASH_STEP and ray.train.get_context().get_world_rank() == 1
+                and not marker.exists()):
+            marker.touch()
+            os._exit(1)
+
+    ray.train.report = report
+    train_loop_per_worker(config_data)
+
+
+def _losses_by_step(config) -> dict[int, float]:
+    """Each step's train loss from metrics.jsonl (a re-run step keeps its last value)."""
+    lines = (train_dir(config) / "logs" / METRICS_FILE).read_text().splitlines()
+    return {m["step"]: m["train_loss"] for m in map(json.loads, lines)}
+
+
+@pytest.mark.slow
+def test_killed_worker_resumes_from_last_checkpoint_and_matches(ray_cluster, default_assets, tmp_path):
+    corpus = tmp_path / "qa.jsonl"
+    corpus.write_text("".join(
+        json.dumps({"question": f"What is sign {i}?", "answer": f"Sign {i} suggests infection."}) + "\n"
+        for i in range(80)))
+    common = [f"data.train_path={corpus}", "data.block_size=64", "data.val_fraction=0.1",
+              "data.deterministic=true", "train.eval_every=2", "train.max_steps=6",
+              "train.warmup_steps=1", "train.max_failures=1"]
+    clean = load_config("ci-tiny", [*common, f"storage_path={tmp_path / 'clean'}", "run_name=clean"])
+    faulty = load_config("ci-tiny", [*common, f"storage_path={tmp_path / 'faulty'}", "run_name=faulty"])
+    datasets, _ = build_datasets(clean)
+    assert fit(clean, datasets).error is None
+    result = fit(faulty, datasets, loop=_crash_once_on_rank1)
+    assert (tmp_path / "faulty" / "crashed").exists()  # the fault really happened
+    assert result.error is None and result.metrics["step"] == 6
+    state = json.loads((Path(result.checkpoint.path) / STATE_FILE).read_text())
+    assert state["attempt_started_at_step"] == 2  # resumed from the step-2 checkpoint, not step 0
+    expected, got = _losses_by_step(clean), _losses_by_step(faulty)
+    assert sorted(got) == [1, 2, 3, 4, 5, 6]
+    assert [got[s] for s in range(3, 7)] == pytest.approx([expected[s] for s in range(3, 7)], abs=1e-4)
