@@ -82,6 +82,9 @@ class TrainConfig(_Section):
     scope: Literal["full", "top_layers", "lora"] = "full"
     top_layers: int | None = Field(None, ge=1)
     """With `scope: top_layers`: how many of the last transformer layers train."""
+    lora_r: int = Field(8, ge=1)
+    """With `scope: lora`: the adapters' rank."""
+    lora_alpha: float = Field(16, gt=0)
     bf16: bool = False
     compile: bool = False
     eval_every: int = Field(50, ge=1)

@@ -9,10 +9,12 @@ group, or a rerun with the same run name, resumes from the latest checkpoint.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import tempfile
 import time
+from functools import partial
 from itertools import islice
 from pathlib import Path
 
@@ -20,11 +22,12 @@ import torch
 from tqdm import tqdm
 
 from raymed.assets import resolve_pretrained
-from raymed.config import Config, ModelConfig
+from raymed.config import Config, ModelConfig, TrainConfig
 from raymed.data.records import IGNORE_INDEX
 from raymed.errors import RaymedError
 
 STATE_FILE = "trainer_state.json"
+ADAPTER_DIR = "adapter"
 METRICS_FILE = "metrics.jsonl"
 
 
@@ -57,13 +60,12 @@ class RunLog:
 
 def build_model(model_config: ModelConfig, tokenizer):
     """The causal LM to train: pretrained weights, or a fresh model of `architecture`."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     attn = model_config.attn_implementation
     if model_config.init == "scratch":
         arch = dict(model_config.architecture)
-        config = AutoConfig.for_model(arch.pop("model_type"), vocab_size=len(tokenizer), **arch)
-        return AutoModelForCausalLM.from_config(config, attn_implementation=attn)
+        return AutoModelForCausalLM.from_config(_scratch_config(model_config, tokenizer), attn_implementation=attn)
     path = resolve_pretrained(model_config.name)
     try:
         return AutoModelForCausalLM.from_pretrained(path, attn_implementation=attn, dtype=torch.float32)
@@ -71,12 +73,67 @@ def build_model(model_config: ModelConfig, tokenizer):
         raise RaymedError(f"{model_config.name} is not a causal LM that transformers can load: {err}") from None
 
 
-def set_trainable(model, scope: str, top_layers: int | None) -> None:
-    """Freeze what `scope` does not train: `top_layers` trains the last N blocks and the head."""
-    if scope == "full":
-        return
-    if scope != "top_layers":
-        raise RaymedError(f"train.scope {scope!r} is not supported yet: use full or top_layers")
+def load_tokenizer(model_config: ModelConfig):
+    """The tokenizer the model trains with (its own unless `model.tokenizer` names another)."""
+    from transformers import AutoTokenizer
+
+    name = model_config.tokenizer or model_config.name
+    try:
+        return AutoTokenizer.from_pretrained(resolve_pretrained(name))
+    except (OSError, ValueError) as err:
+        raise RaymedError(f"{name} is not a tokenizer transformers can load: {err}") from None
+
+
+def _scratch_config(model_config: ModelConfig, tokenizer):
+    """The architecture's config, its vocabulary padded to a multiple of 64 (faster matmuls)."""
+    from transformers import AutoConfig
+
+    arch = dict(model_config.architecture)
+    vocab = -(-len(tokenizer) // 64) * 64
+    return AutoConfig.for_model(arch.pop("model_type"), vocab_size=vocab, **arch)
+
+
+def check_model_fits(config: Config) -> None:
+    """Fail before any worker starts: the tokenizer's ids must index the model's embedding,
+    and a block must fit the model's context."""
+    from transformers import AutoConfig
+
+    tokenizer = load_tokenizer(config.model)
+    if config.model.init == "scratch":
+        model_config = _scratch_config(config.model, tokenizer)
+    else:
+        try:
+            model_config = AutoConfig.from_pretrained(resolve_pretrained(config.model.name))
+        except (OSError, ValueError) as err:
+            raise RaymedError(f"{config.model.name} is not a model transformers can load: {err}") from None
+    rows = model_config.get_text_config().vocab_size
+    if len(tokenizer) > rows:
+        raise RaymedError(
+            f"the tokenizer has {len(tokenizer)} tokens but the model's embedding has {rows} rows: "
+            "use the model's own tokenizer (model.tokenizer) or a model built for this one"
+        )
+    text_config = model_config.get_text_config()
+    context = getattr(text_config, "max_position_embeddings", None) or getattr(text_config, "n_positions", None)
+    if context and config.data.block_size > context:
+        raise RaymedError(f"data.block_size {config.data.block_size} exceeds the model's context of {context} tokens")
+
+
+def apply_scope(model, train: TrainConfig):
+    """The model with only what `train.scope` trains left trainable: everything (`full`),
+    the last N blocks and the head (`top_layers`), or LoRA adapters on every linear layer
+    (`lora`, returned wrapped by peft)."""
+    if train.scope == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        lora = LoraConfig(r=train.lora_r, lora_alpha=train.lora_alpha, lora_dropout=0.0,
+                          target_modules="all-linear", task_type="CAUSAL_LM")
+        return get_peft_model(model, lora)
+    if train.scope == "top_layers":
+        _train_top_layers(model, train.top_layers)
+    return model
+
+
+def _train_top_layers(model, top_layers: int) -> None:
     layers = model.base_model.layers if hasattr(model.base_model, "layers") else model.base_model.h
     if top_layers > len(layers):
         raise RaymedError(f"train.top_layers is {top_layers} but the model has {len(layers)} layers")
@@ -85,6 +142,29 @@ def set_trainable(model, scope: str, top_layers: int | None) -> None:
     for module in [*layers[-top_layers:], model.get_output_embeddings()]:
         for param in module.parameters():
             param.requires_grad = True
+
+
+def save_checkpoint_model(model, tokenizer, out: Path) -> None:
+    """A directory `from_pretrained` loads as it is; for LoRA the merged weights, with the
+    adapter alone beside them in `adapter/`."""
+    from peft import PeftModel
+
+    if isinstance(model, PeftModel):
+        model.save_pretrained(out / ADAPTER_DIR)
+        model = copy.deepcopy(model).merge_and_unload()
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+def load_checkpoint_model(model, directory: Path) -> None:
+    """Load a checkpoint's weights (safetensors only) into the model being trained."""
+    from peft import PeftModel, set_peft_model_state_dict
+    from safetensors.torch import load_file, load_model
+
+    if isinstance(model, PeftModel):
+        set_peft_model_state_dict(model, load_file(directory / ADAPTER_DIR / "adapter_model.safetensors"))
+    else:
+        load_model(model, directory / "model.safetensors", strict=False)
 
 
 def token_metrics(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, int, int]:
@@ -98,7 +178,7 @@ def token_metrics(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, in
     return loss.item(), int(correct), int(mask.sum())
 
 
-def validate(model, batches) -> dict[str, float]:
+def validate(model, batches, device="cpu") -> dict[str, float]:
     """val_loss, val_ppl and val_token_acc over `batches`, summed across all workers."""
     import torch.distributed as dist
 
@@ -106,11 +186,14 @@ def validate(model, batches) -> dict[str, float]:
     model.eval()
     with torch.no_grad():
         for batch in batches:
+            batch = {k: v.to(device) for k, v in batch.items()}
             logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits
             totals += torch.tensor(token_metrics(logits, batch["labels"]), dtype=torch.float64)
     model.train()
     if dist.is_initialized():
+        totals = totals.to(device)
         dist.all_reduce(totals)
+        totals = totals.cpu()
     loss_sum, correct, count = totals.tolist()
     if count == 0:
         raise RaymedError("the validation split has no tokens to score: give more data or a validation_path")
@@ -121,20 +204,27 @@ def validate(model, batches) -> dict[str, float]:
 def train_loop_per_worker(config_data: dict) -> None:
     """One worker's loop (runs inside Ray Train)."""
     import ray.train
+    import ray.train.torch
     from ray.train.torch import prepare_model
-    from transformers import AutoTokenizer, get_scheduler
+    from transformers import get_scheduler
 
     from raymed.data.handoff import worker_batches
 
     config = Config.model_validate(config_data)
     train = config.train
     torch.manual_seed(config.seed)
-    tokenizer = AutoTokenizer.from_pretrained(resolve_pretrained(config.model.tokenizer or config.model.name))
+    tokenizer = load_tokenizer(config.model)
     model = build_model(config.model, tokenizer)
-    set_trainable(model, train.scope, train.top_layers)
+    model = apply_scope(model, train)
+    if train.use_gpu:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     model = prepare_model(model)
+    device = ray.train.torch.get_device()
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay)
+    optimizer = torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay, fused=train.use_gpu)
+    forward = torch.compile(model) if train.compile else model
+    autocast = partial(torch.autocast, device.type, dtype=torch.bfloat16, enabled=train.bf16)
     scheduler = get_scheduler(train.lr_schedule, optimizer, train.warmup_steps, train.max_steps)
     step, position = _resume(model, optimizer, scheduler)
     start_step = step
@@ -147,9 +237,10 @@ def train_loop_per_worker(config_data: dict) -> None:
     while step < train.max_steps:
         loss_sum = 0.0
         for _ in range(train.grad_accum):
-            batch = next(stream)
+            batch = {k: v.to(device, non_blocking=True) for k, v in next(stream).items()}
             position += 1
-            loss = model(**batch).loss / train.grad_accum
+            with autocast():
+                loss = forward(**batch).loss / train.grad_accum
             loss.backward()
             loss_sum += loss.item()
             tokens += int((batch["labels"] != IGNORE_INDEX).sum())
@@ -164,7 +255,8 @@ def train_loop_per_worker(config_data: dict) -> None:
                    "tokens_per_s": tokens / (time.perf_counter() - started)}
         if step % train.eval_every == 0 or step == train.max_steps:
             val = worker_batches("validation", micro, deterministic=config.data.deterministic)
-            metrics |= validate(model, val)
+            with autocast():
+                metrics |= validate(model, val, device)
             state = {"step": step, "data_position": position, "attempt_started_at_step": start_step}
             _report_with_checkpoint(metrics, state, model, tokenizer, optimizer, scheduler, rank0)
         else:
@@ -186,14 +278,12 @@ def _endless(make_epoch):
 def _resume(model, optimizer, scheduler) -> tuple[int, int]:
     """(step, data position) from the latest checkpoint, after loading its state."""
     import ray.train
-    from safetensors.torch import load_model
-
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
         return 0, 0
     with checkpoint.as_directory() as directory:
         directory = Path(directory)
-        load_model(_unwrap(model), directory / "model.safetensors", strict=False)
+        load_checkpoint_model(_unwrap(model), directory)
         optimizer.load_state_dict(torch.load(directory / "optimizer.pt", weights_only=True))
         scheduler.load_state_dict(torch.load(directory / "scheduler.pt", weights_only=True))
         state = json.loads((directory / STATE_FILE).read_text())
@@ -209,8 +299,7 @@ def _report_with_checkpoint(metrics, state, model, tokenizer, optimizer, schedul
         checkpoint = None
         if rank0:
             out = Path(directory)
-            _unwrap(model).save_pretrained(out)
-            tokenizer.save_pretrained(out)
+            save_checkpoint_model(_unwrap(model), tokenizer, out)
             torch.save(optimizer.state_dict(), out / "optimizer.pt")
             torch.save(scheduler.state_dict(), out / "scheduler.pt")
             (out / STATE_FILE).write_text(json.dumps(state))
@@ -231,6 +320,7 @@ def fit(config: Config, datasets: dict, loop=train_loop_per_worker):
     from raymed.data.handoff import train_data_config
 
     train = config.train
+    check_model_fits(config)
     trainer = TorchTrainer(
         loop,
         train_loop_config=config.model_dump(),

@@ -13,7 +13,18 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from raymed.config import load_config
 from raymed.data.pipeline import build_datasets
-from raymed.train import METRICS_FILE, STATE_FILE, fit, set_trainable, token_metrics, train_dir
+from raymed.config import TrainConfig
+from raymed.train import (
+    ADAPTER_DIR,
+    METRICS_FILE,
+    STATE_FILE,
+    apply_scope,
+    fit,
+    load_checkpoint_model,
+    save_checkpoint_model,
+    token_metrics,
+    train_dir,
+)
 
 # First four training losses of the ci-tiny run below (seed 0, deterministic data, 2 gloo
 # workers), recorded on 2026-11-25. A change that moves them is a change in training.
@@ -32,19 +43,52 @@ def test_token_metrics_match_a_hand_checked_case():
     assert correct == 1
 
 
-def test_top_layers_freezes_everything_below():
+def _tiny_llama(layers: int = 3):
+    torch.manual_seed(0)
     config = AutoConfig.for_model("llama", vocab_size=64, hidden_size=16, intermediate_size=32,
-                                  num_hidden_layers=3, num_attention_heads=2, num_key_value_heads=1)
-    model = AutoModelForCausalLM.from_config(config)
+                                  num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=1)
+    return AutoModelForCausalLM.from_config(config)
+
+
+def _one_step(model) -> dict[str, torch.Tensor]:
+    """Parameters before one AdamW step on random tokens."""
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    set_trainable(model, "top_layers", 1)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.1)
     ids = torch.randint(0, 64, (2, 8))
     model(input_ids=ids, labels=ids).loss.backward()
     optimizer.step()
+    return before
+
+
+def test_top_layers_freezes_everything_below():
+    model = apply_scope(_tiny_llama(), TrainConfig(scope="top_layers", top_layers=1))
+    before = _one_step(model)
     for name, param in model.named_parameters():
         frozen = "layers.2." not in name and "lm_head" not in name
         assert torch.equal(param, before[name]) == frozen, name
+
+
+def test_lora_trains_only_adapters_and_checkpoints_merged_weights(default_assets, tmp_path):
+    from transformers import AutoTokenizer
+
+    from raymed.assets import resolve_pretrained
+
+    model = apply_scope(_tiny_llama(), TrainConfig(scope="lora", lora_r=4))
+    before = _one_step(model)
+    changed = {name for name, p in model.named_parameters() if not torch.equal(p, before[name])}
+    assert changed and all("lora_" in name for name in changed)
+    assert any("lora_B" in name for name in changed)  # B starts at zero: moving it changes outputs
+
+    save_checkpoint_model(model, AutoTokenizer.from_pretrained(resolve_pretrained("gpt2")), tmp_path)
+    assert (tmp_path / ADAPTER_DIR / "adapter_model.safetensors").is_file()
+    ids = torch.randint(0, 64, (1, 10))
+    with torch.no_grad():
+        expected = model.eval()(input_ids=ids).logits
+        merged = AutoModelForCausalLM.from_pretrained(tmp_path).eval()  # loads as it is
+        assert torch.allclose(merged(input_ids=ids).logits, expected, atol=1e-5)
+        resumed = apply_scope(_tiny_llama(), TrainConfig(scope="lora", lora_r=4)).eval()
+        load_checkpoint_model(resumed, tmp_path)
+        assert torch.allclose(resumed(input_ids=ids).logits, expected, atol=1e-6)
 
 
 @pytest.mark.slow
@@ -131,3 +175,33 @@ def test_killed_worker_resumes_from_last_checkpoint_and_matches(ray_cluster, def
     expected, got = _losses_by_step(clean), _losses_by_step(faulty)
     assert sorted(got) == [1, 2, 3, 4, 5, 6]
     assert [got[s] for s in range(3, 7)] == pytest.approx([expected[s] for s in range(3, 7)], abs=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["model.init=pretrained", "model.architecture={}", "model.name=smollm2-135m-instruct",
+          "model.tokenizer=gpt2"], "the tokenizer has 50257 tokens but the model's embedding has 49152 rows"),
+        (["data.block_size=512"], "data.block_size 512 exceeds the model's context of 256 tokens"),
+        (["model.init=pretrained", "model.architecture={}", "model.tokenizer=null",
+          "model.name=/nonexistent/model"], "is not a .* transformers can load"),
+    ],
+)
+def test_incompatible_model_fails_before_training(default_assets, overrides, message):
+    from raymed.errors import RaymedError
+    from raymed.train import check_model_fits
+
+    with pytest.raises(RaymedError, match=message):
+        check_model_fits(load_config("ci-tiny", overrides))
+
+
+def test_scratch_vocabulary_is_padded_to_a_multiple_of_64(default_assets):
+    from transformers import AutoTokenizer
+
+    from raymed.assets import resolve_pretrained
+    from raymed.train import build_model
+
+    config = load_config("gpt2-pretrain", ["model.architecture={model_type: gpt2, n_layer: 1, n_head: 2, n_embd: 32}"])
+    tokenizer = AutoTokenizer.from_pretrained(resolve_pretrained("gpt2"))
+    model = build_model(config.model, tokenizer)
+    assert model.get_input_embeddings().num_embeddings == 50304  # 50257 rounded up to 64
