@@ -90,6 +90,8 @@ class TrainConfig(_Section):
     eval_every: int = Field(50, ge=1)
     keep_checkpoints: int = Field(2, ge=1)
     max_failures: int = Field(1, ge=0)
+    peak_tflops: float = Field(989, gt=0)
+    """The accelerator's dense bf16 peak, for MFU (989: an H100 SXM)."""
 
     @model_validator(mode="after")
     def _consistent(self) -> TrainConfig:

@@ -230,20 +230,25 @@ def train_loop_per_worker(config_data: dict) -> None:
     start_step = step
     micro = train.micro_batch_size
     stream = islice(_endless(lambda: worker_batches("train", micro, deterministic=config.data.deterministic)), position, None)
-    rank0 = ray.train.get_context().get_world_rank() == 0
+    context = ray.train.get_context()
+    rank0 = context.get_world_rank() == 0
     run_log = RunLog(train_dir(config) / "logs") if rank0 else None
     progress = tqdm(total=train.max_steps, initial=step, desc="train", disable=not rank0)
-    tokens, started = 0, time.perf_counter()
+    flops_per_token = _flops_per_token(_unwrap(model), config.data.block_size)
+    tokens, waited, started = 0, 0.0, time.perf_counter()
     while step < train.max_steps:
         loss_sum = 0.0
         for _ in range(train.grad_accum):
-            batch = {k: v.to(device, non_blocking=True) for k, v in next(stream).items()}
+            fetch = time.perf_counter()
+            batch = next(stream)
+            tokens += int(batch.pop("real_tokens").sum())
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            waited += time.perf_counter() - fetch
             position += 1
             with autocast():
                 loss = forward(**batch).loss / train.grad_accum
             loss.backward()
             loss_sum += loss.item()
-            tokens += int((batch["labels"] != IGNORE_INDEX).sum())
         if not math.isfinite(loss_sum):
             raise RaymedError(f"loss is {loss_sum} at step {step + 1}: stopping; the last good checkpoint is kept")
         torch.nn.utils.clip_grad_norm_(params, train.grad_clip)
@@ -251,16 +256,18 @@ def train_loop_per_worker(config_data: dict) -> None:
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
+        elapsed = time.perf_counter() - started
         metrics = {"step": step, "train_loss": loss_sum, "lr": scheduler.get_last_lr()[0],
-                   "tokens_per_s": tokens / (time.perf_counter() - started)}
+                   "tokens_per_s": tokens / elapsed, "step_time_s": elapsed / (step - start_step),
+                   "data_wait_frac": waited / elapsed}
+        if train.use_gpu:  # all workers' FLOPs over the peak of all their GPUs
+            metrics["mfu"] = flops_per_token * tokens / elapsed / (train.peak_tflops * 1e12)
         if step % train.eval_every == 0 or step == train.max_steps:
             val = worker_batches("validation", micro, deterministic=config.data.deterministic)
             with autocast():
                 metrics |= validate(model, val, device)
             state = {"step": step, "data_position": position, "attempt_started_at_step": start_step}
             _report_with_checkpoint(metrics, state, model, tokenizer, optimizer, scheduler, rank0)
-        else:
-            ray.train.report(metrics)
         if rank0:
             run_log.log(metrics)
             progress.update(1)
@@ -268,6 +275,15 @@ def train_loop_per_worker(config_data: dict) -> None:
     if rank0:
         run_log.close()
         progress.close()
+
+
+def _flops_per_token(model, block_size: int) -> float:
+    """Training FLOPs per token by the nanoGPT/PaLM formula: 6N + 12·L·H·Q·T."""
+    config = model.config.get_text_config()
+    layers, heads = config.num_hidden_layers, config.num_attention_heads
+    head_dim = config.hidden_size // heads
+    params = sum(p.numel() for p in model.parameters())
+    return 6 * params + 12 * layers * heads * head_dim * block_size
 
 
 def _endless(make_epoch):

@@ -61,7 +61,7 @@ def test_deterministic_workers_get_their_planned_disjoint_batches(train_dataset,
         planned = [[row.tolist() for row in b["input_ids"]]
                    for b in rank_batches(train_dataset, MICRO, rank=rank, world_size=2, deterministic=True)]
         assert result["batches"] == planned  # same seed → same batches on the same rank, in order
-        assert result["shapes"] == [[MICRO, 64]]
+        assert result["shapes"] == [[MICRO], [MICRO, 64]]  # real_tokens; input_ids, labels, position_ids
     assert not set(_rows(results[0])) & set(_rows(results[1]))
 
 

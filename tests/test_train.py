@@ -142,6 +142,9 @@ def _crash_once_on_rank1(config_data: dict) -> None:
         if (metrics["step"] == CRASH_STEP and ray.train.get_context().get_world_rank() == 1
                 and not marker.exists()):
             marker.touch()
+            # Die only once Ray Train has registered what was reported (the step-2
+            # checkpoint): a condition wait, so the test does not race the controller.
+            ray.train.get_all_reported_checkpoints(timeout_s=120)
             os._exit(1)
 
     ray.train.report = report

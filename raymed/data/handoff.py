@@ -19,6 +19,8 @@ from ray.train import DataConfig
 
 from raymed.data.pipeline import BLOCK_FIELDS
 
+HANDOFF_FIELDS = (*BLOCK_FIELDS, "real_tokens")
+
 
 def train_data_config(deterministic: bool) -> DataConfig:
     """The `dataset_config` for `TorchTrainer`."""
@@ -50,4 +52,4 @@ def rank_batches(source, micro_batch_size: int, *, rank: int, world_size: int,
     for index, batch in enumerate(batches):
         if index < skip_batches:
             continue
-        yield {name: torch.as_tensor(batch[name][lo : lo + micro_batch_size]) for name in BLOCK_FIELDS}
+        yield {name: torch.as_tensor(batch[name][lo : lo + micro_batch_size]) for name in HANDOFF_FIELDS}
