@@ -235,7 +235,7 @@ def train_loop_per_worker(config_data: dict) -> None:
     run_log = RunLog(train_dir(config) / "logs") if rank0 else None
     progress = tqdm(total=train.max_steps, initial=step, desc="train", disable=not rank0)
     flops_per_token = _flops_per_token(_unwrap(model), config.data.block_size)
-    tokens, waited, started = 0, 0.0, time.perf_counter()
+    tokens, waited, validating, started = 0, 0.0, 0.0, time.perf_counter()
     while step < train.max_steps:
         loss_sum = 0.0
         for _ in range(train.grad_accum):
@@ -256,18 +256,20 @@ def train_loop_per_worker(config_data: dict) -> None:
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
-        elapsed = time.perf_counter() - started
+        elapsed = time.perf_counter() - started - validating  # without validation and checkpoints
         metrics = {"step": step, "train_loss": loss_sum, "lr": scheduler.get_last_lr()[0],
                    "tokens_per_s": tokens / elapsed, "step_time_s": elapsed / (step - start_step),
                    "data_wait_frac": waited / elapsed}
         if train.use_gpu:  # all workers' FLOPs over the peak of all their GPUs
             metrics["mfu"] = flops_per_token * tokens / elapsed / (train.peak_tflops * 1e12)
         if step % train.eval_every == 0 or step == train.max_steps:
+            val_started = time.perf_counter()
             val = worker_batches("validation", micro, deterministic=config.data.deterministic)
             with autocast():
                 metrics |= validate(model, val, device)
             state = {"step": step, "data_position": position, "attempt_started_at_step": start_step}
             _report_with_checkpoint(metrics, state, model, tokenizer, optimizer, scheduler, rank0)
+            validating += time.perf_counter() - val_started
         if rank0:
             run_log.log(metrics)
             progress.update(1)
