@@ -91,12 +91,18 @@ def test_lora_trains_only_adapters_and_checkpoints_merged_weights(default_assets
         assert torch.allclose(resumed(input_ids=ids).logits, expected, atol=1e-6)
 
 
-@pytest.mark.slow
-def test_two_workers_train_checkpoint_and_resume(ray_cluster, default_assets, tmp_path):
-    corpus = tmp_path / "qa.jsonl"
+def _signs_corpus(directory: Path) -> Path:
+    """80 short question/answer records: a few seconds of ci-tiny training."""
+    corpus = directory / "qa.jsonl"
     corpus.write_text("".join(
         json.dumps({"question": f"What is sign {i}?", "answer": f"Sign {i} suggests infection."}) + "\n"
         for i in range(80)))
+    return corpus
+
+
+@pytest.mark.slow
+def test_two_workers_train_checkpoint_and_resume(ray_cluster, default_assets, tmp_path):
+    corpus = _signs_corpus(tmp_path)
     base = [f"data.train_path={corpus}", "data.block_size=64", "data.val_fraction=0.1",
             "data.deterministic=true", f"storage_path={tmp_path}", "run_name=resume-test",
             "train.eval_every=2"]
@@ -159,10 +165,7 @@ def _losses_by_step(config) -> dict[int, float]:
 
 @pytest.mark.slow
 def test_killed_worker_resumes_from_last_checkpoint_and_matches(ray_cluster, default_assets, tmp_path):
-    corpus = tmp_path / "qa.jsonl"
-    corpus.write_text("".join(
-        json.dumps({"question": f"What is sign {i}?", "answer": f"Sign {i} suggests infection."}) + "\n"
-        for i in range(80)))
+    corpus = _signs_corpus(tmp_path)
     common = [f"data.train_path={corpus}", "data.block_size=64", "data.val_fraction=0.1",
               "data.deterministic=true", "train.eval_every=2", "train.max_steps=6",
               "train.warmup_steps=1", "train.max_failures=1"]
