@@ -30,7 +30,7 @@ def main() -> dict:
         cache = Path(tmp)
         cold = {}
         for name in ("model", "gpt2-tokenizer", "corpus"):
-            _, cold[name] = _timed(lambda: build_assets(cache, (name,)))
+            _, cold[name] = _timed(lambda name=name: build_assets(cache, (name,)))
         _, warm = _timed(lambda: build_assets(cache))
         _, gguf_load = _timed(load_smollm2_gguf)
         model_dir = cache / "models" / DEFAULT_MODEL

@@ -64,7 +64,6 @@ def build_model(model_config: ModelConfig, tokenizer):
 
     attn = model_config.attn_implementation
     if model_config.init == "scratch":
-        arch = dict(model_config.architecture)
         return AutoModelForCausalLM.from_config(_scratch_config(model_config, tokenizer), attn_implementation=attn)
     path = resolve_pretrained(model_config.name)
     try:
