@@ -23,9 +23,11 @@ def ray_cluster():
     two Train workers plus Ray Data actors fit)."""
     import ray
 
-    # Workers import test modules (Train loops defined in tests) from tests/.
-    tests_dir = str(Path(__file__).resolve().parent)
+    # Workers import this checkout's raymed (not whichever one is installed) and test
+    # modules (Train loops defined in tests) from tests/.
+    tests_dir = Path(__file__).resolve().parent
+    python_path = f"{tests_dir.parent}:{tests_dir}"
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": tests_dir}})
+             runtime_env={"env_vars": {"PYTHONPATH": python_path}})
     yield
     ray.shutdown()
