@@ -29,6 +29,7 @@ from raymed.errors import RaymedError
 STATE_FILE = "trainer_state.json"
 ADAPTER_DIR = "adapter"
 METRICS_FILE = "metrics.jsonl"
+EVENTS_FILE = "train.log"
 
 
 def train_dir(config: Config) -> Path:
@@ -37,7 +38,8 @@ def train_dir(config: Config) -> Path:
 
 
 class RunLog:
-    """Rank 0's record of every step: TensorBoard event files and a metrics.jsonl line."""
+    """Rank 0's record of every step (TensorBoard event files and a metrics.jsonl line) and
+    of events such as a resume (printed and appended to train.log)."""
 
     def __init__(self, directory: Path):
         from tensorboardX import SummaryWriter
@@ -45,6 +47,12 @@ class RunLog:
         directory.mkdir(parents=True, exist_ok=True)
         self.writer = SummaryWriter(str(directory))
         self.lines = (directory / METRICS_FILE).open("a")
+        self.events = directory / EVENTS_FILE
+
+    def note(self, message: str) -> None:
+        print(message, flush=True)
+        with self.events.open("a") as events:
+            events.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {message}\n")
 
     def log(self, metrics: dict) -> None:
         for name, value in metrics.items():
@@ -158,12 +166,19 @@ def save_checkpoint_model(model, tokenizer, out: Path) -> None:
 def load_checkpoint_model(model, directory: Path) -> None:
     """Load a checkpoint's weights (safetensors only) into the model being trained."""
     from peft import PeftModel, set_peft_model_state_dict
+    from safetensors import SafetensorError
     from safetensors.torch import load_file, load_model
 
-    if isinstance(model, PeftModel):
-        set_peft_model_state_dict(model, load_file(directory / ADAPTER_DIR / "adapter_model.safetensors"))
-    else:
-        load_model(model, directory / "model.safetensors", strict=False)
+    lora = isinstance(model, PeftModel)
+    path = directory / ADAPTER_DIR / "adapter_model.safetensors" if lora else directory / "model.safetensors"
+    try:
+        if lora:
+            set_peft_model_state_dict(model, load_file(path))
+        else:
+            load_model(model, path, strict=False)
+    except (OSError, SafetensorError) as err:
+        raise RaymedError(f"checkpoint file {path} is unreadable ({err}): "
+                          "delete that checkpoint to resume from the one before") from None
 
 
 def token_metrics(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, int, int]:
@@ -202,80 +217,153 @@ def validate(model, batches, device="cpu") -> dict[str, float]:
 
 def train_loop_per_worker(config_data: dict) -> None:
     """One worker's loop (runs inside Ray Train)."""
-    import ray.train
-    import ray.train.torch
-    from ray.train.torch import prepare_model
-    from transformers import get_scheduler
+    WorkerLoop(Config.model_validate(config_data)).run()
 
-    from raymed.data.handoff import worker_batches
 
-    config = Config.model_validate(config_data)
-    train = config.train
-    torch.manual_seed(config.seed)
-    tokenizer = load_tokenizer(config.model)
-    model = build_model(config.model, tokenizer)
-    model = apply_scope(model, train)
-    if train.use_gpu:
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    model = prepare_model(model)
-    device = ray.train.torch.get_device()
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay, fused=train.use_gpu)
-    forward = torch.compile(model) if train.compile else model
-    autocast = partial(torch.autocast, device.type, dtype=torch.bfloat16, enabled=train.bf16)
-    scheduler = get_scheduler(train.lr_schedule, optimizer, train.warmup_steps, train.max_steps)
-    step, position = _resume(model, optimizer, scheduler)
-    start_step = step
-    micro = train.micro_batch_size
-    stream = islice(_endless(lambda: worker_batches("train", micro, deterministic=config.data.deterministic)), position, None)
-    context = ray.train.get_context()
-    rank0 = context.get_world_rank() == 0
-    run_log = RunLog(train_dir(config) / "logs") if rank0 else None
-    progress = tqdm(total=train.max_steps, initial=step, desc="train", disable=not rank0)
-    flops_per_token = _flops_per_token(_unwrap(model), config.data.block_size)
-    tokens, waited, validating, started = 0, 0.0, 0.0, time.perf_counter()
-    while step < train.max_steps:
+class WorkerLoop:
+    """One DDP worker: its model, optimizer, schedule, data stream and throughput clocks.
+    Rank 0 also keeps the run log and the progress bar."""
+
+    def __init__(self, config: Config):
+        import ray.train
+        import ray.train.torch
+        from ray.train.torch import prepare_model
+        from transformers import get_scheduler
+
+        self.config, train = config, config.train
+        torch.manual_seed(config.seed)
+        if train.use_gpu:
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        self.tokenizer = load_tokenizer(config.model)
+        self.model = prepare_model(apply_scope(build_model(config.model, self.tokenizer), train))
+        self.device = ray.train.torch.get_device()
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params, lr=train.lr, weight_decay=train.weight_decay,
+                                           fused=train.use_gpu)
+        self.forward = torch.compile(self.model) if train.compile else self.model
+        self.autocast = partial(torch.autocast, self.device.type, dtype=torch.bfloat16, enabled=train.bf16)
+        self.scheduler = get_scheduler(train.lr_schedule, self.optimizer, train.warmup_steps, train.max_steps)
+        self.rank0 = ray.train.get_context().get_world_rank() == 0
+        self.log = RunLog(train_dir(config) / "logs") if self.rank0 else None
+        self.step, self.position = self._resume()
+        self.start_step = self.step
+        self.flops_per_token = _flops_per_token(_unwrap(self.model), config.data.block_size)
+        self.tokens, self.waited, self.validating = 0, 0.0, 0.0
+
+    def run(self) -> None:
+        train = self.config.train
+        stream = islice(_endless(lambda: self._batches("train")), self.position, None)
+        progress = tqdm(total=train.max_steps, initial=self.step, desc="train", disable=not self.rank0)
+        self.started = time.perf_counter()
+        while self.step < train.max_steps:
+            loss = self._train_step(stream)
+            metrics = self._throughput() | {"train_loss": loss, "lr": self.scheduler.get_last_lr()[0]}
+            if self.step % train.eval_every == 0 or self.step == train.max_steps:
+                metrics |= self._validate_and_checkpoint(metrics)
+            if self.rank0:
+                self.log.log(metrics)
+                progress.update(1)
+                progress.set_postfix(loss=f"{loss:.3f}")
+        progress.close()
+        if self.rank0:
+            self.log.close()
+
+    def _batches(self, split: str):
+        from raymed.data.handoff import worker_batches
+
+        return worker_batches(split, self.config.train.micro_batch_size,
+                              deterministic=self.config.data.deterministic)
+
+    def _train_step(self, stream) -> float:
+        """One optimizer step over `grad_accum` micro-batches; its mean loss."""
+        train = self.config.train
         loss_sum = 0.0
         for _ in range(train.grad_accum):
             fetch = time.perf_counter()
             batch = next(stream)
-            tokens += int(batch.pop("real_tokens").sum())
-            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-            waited += time.perf_counter() - fetch
-            position += 1
-            with autocast():
-                loss = forward(**batch).loss / train.grad_accum
+            self.tokens += int(batch.pop("real_tokens").sum())
+            batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+            self.waited += time.perf_counter() - fetch
+            self.position += 1
+            with self.autocast():
+                loss = self.forward(**batch).loss / train.grad_accum
             loss.backward()
             loss_sum += loss.item()
-        if not math.isfinite(loss_sum):
-            raise RaymedError(f"loss is {loss_sum} at step {step + 1}: stopping; the last good checkpoint is kept")
-        torch.nn.utils.clip_grad_norm_(params, train.grad_clip)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        elapsed = time.perf_counter() - started - validating  # without validation and checkpoints
-        metrics = {"step": step, "train_loss": loss_sum, "lr": scheduler.get_last_lr()[0],
-                   "tokens_per_s": tokens / elapsed, "step_time_s": elapsed / (step - start_step),
-                   "data_wait_frac": waited / elapsed}
-        if train.use_gpu:  # all workers' FLOPs over the peak of all their GPUs
-            metrics["mfu"] = flops_per_token * tokens / elapsed / (train.peak_tflops * 1e12)
-        if step % train.eval_every == 0 or step == train.max_steps:
-            val_started = time.perf_counter()
-            val = worker_batches("validation", micro, deterministic=config.data.deterministic)
-            with autocast():
-                metrics |= validate(model, val, device)
-            state = {"step": step, "data_position": position, "attempt_started_at_step": start_step}
-            _report_with_checkpoint(metrics, state, model, tokenizer, optimizer, scheduler, rank0)
-            validating += time.perf_counter() - val_started
-        if rank0:
-            run_log.log(metrics)
-            progress.update(1)
-            progress.set_postfix(loss=f"{loss_sum:.3f}")
-    if rank0:
-        run_log.close()
-        progress.close()
+        _check_finite("loss", loss_sum, self.step + 1)
+        torch.nn.utils.clip_grad_norm_(self.params, train.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        return loss_sum
+
+    def _throughput(self) -> dict[str, float]:
+        """Speed since this attempt started, validation and checkpoint time excluded."""
+        elapsed = time.perf_counter() - self.started - self.validating
+        metrics = {"step": self.step, "tokens_per_s": self.tokens / elapsed,
+                   "step_time_s": elapsed / (self.step - self.start_step),
+                   "data_wait_frac": self.waited / elapsed}
+        if self.config.train.use_gpu:  # all workers' FLOPs over the peak of all their GPUs
+            metrics["mfu"] = self.flops_per_token * self.tokens / elapsed / (self.config.train.peak_tflops * 1e12)
+        return metrics
+
+    def _validate_and_checkpoint(self, metrics: dict) -> dict[str, float]:
+        """Validation metrics, reported to Ray Train with a checkpoint (written by rank 0)."""
+        started = time.perf_counter()
+        with self.autocast():
+            val = validate(self.model, self._batches("validation"), self.device)
+        _check_finite("validation loss", val["val_loss"], self.step)
+        state = {"step": self.step, "data_position": self.position, "attempt_started_at_step": self.start_step}
+        self._report_with_checkpoint(metrics | val, state)
+        self.validating += time.perf_counter() - started
+        return val
+
+    def _report_with_checkpoint(self, metrics: dict, state: dict) -> None:
+        import ray.train
+        from ray.train import Checkpoint
+
+        with tempfile.TemporaryDirectory() as directory:
+            checkpoint = None
+            if self.rank0:
+                out = Path(directory)
+                save_checkpoint_model(_unwrap(self.model), self.tokenizer, out)
+                torch.save(self.optimizer.state_dict(), out / "optimizer.pt")
+                torch.save(self.scheduler.state_dict(), out / "scheduler.pt")
+                (out / STATE_FILE).write_text(json.dumps(state))
+                checkpoint = Checkpoint.from_directory(directory)
+            ray.train.report(metrics, checkpoint=checkpoint)
+
+    def _resume(self) -> tuple[int, int]:
+        """(step, data position) from the latest registered checkpoint, after loading its
+        state; (0, 0) on a fresh run."""
+        import ray.train
+
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            return 0, 0
+        with checkpoint.as_directory() as directory:
+            directory = Path(directory)
+            load_checkpoint_model(_unwrap(self.model), directory)
+            self.optimizer.load_state_dict(_load_tensors(directory / "optimizer.pt"))
+            self.scheduler.load_state_dict(_load_tensors(directory / "scheduler.pt"))
+            state = json.loads((directory / STATE_FILE).read_text())
+        if self.rank0:
+            self.log.note(f"resumed from checkpoint {checkpoint.path} at step {state['step']}")
+        return state["step"], state["data_position"]
+
+
+def _check_finite(name: str, value: float, step: int) -> None:
+    if not math.isfinite(value):
+        raise RaymedError(f"{name} is {value} at step {step}: stopping; the last good checkpoint is kept")
+
+
+def _load_tensors(path: Path):
+    """A checkpoint's optimizer or scheduler state: tensors and plain containers only."""
+    try:
+        return torch.load(path, weights_only=True)
+    except Exception as err:  # torch raises several kinds for a damaged file
+        raise RaymedError(f"checkpoint file {path} is unreadable ({err}): delete that checkpoint to resume from the one before") from None
 
 
 def _flops_per_token(model, block_size: int) -> float:
@@ -292,46 +380,15 @@ def _endless(make_epoch):
         yield from make_epoch()
 
 
-def _resume(model, optimizer, scheduler) -> tuple[int, int]:
-    """(step, data position) from the latest checkpoint, after loading its state."""
-    import ray.train
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None:
-        return 0, 0
-    with checkpoint.as_directory() as directory:
-        directory = Path(directory)
-        load_checkpoint_model(_unwrap(model), directory)
-        optimizer.load_state_dict(torch.load(directory / "optimizer.pt", weights_only=True))
-        scheduler.load_state_dict(torch.load(directory / "scheduler.pt", weights_only=True))
-        state = json.loads((directory / STATE_FILE).read_text())
-    print(f"resumed from checkpoint {checkpoint.path} at step {state['step']}")
-    return state["step"], state["data_position"]
-
-
-def _report_with_checkpoint(metrics, state, model, tokenizer, optimizer, scheduler, rank0) -> None:
-    import ray.train
-    from ray.train import Checkpoint
-
-    with tempfile.TemporaryDirectory() as directory:
-        checkpoint = None
-        if rank0:
-            out = Path(directory)
-            save_checkpoint_model(_unwrap(model), tokenizer, out)
-            torch.save(optimizer.state_dict(), out / "optimizer.pt")
-            torch.save(scheduler.state_dict(), out / "scheduler.pt")
-            (out / STATE_FILE).write_text(json.dumps(state))
-            checkpoint = Checkpoint.from_directory(directory)
-        ray.train.report(metrics, checkpoint=checkpoint)
-
-
 def _unwrap(model):
     return model.module if hasattr(model, "module") else model
 
 
 def fit(config: Config, datasets: dict, loop=train_loop_per_worker):
     """Run the TorchTrainer for `config` on the data stage's `datasets`; the Ray Result.
-    `loop` is the per-worker function (tests wrap it to inject faults)."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    `loop` is the per-worker function (tests wrap it to inject faults). Worker failures
+    beyond `train.max_failures` raise RaymedError naming the cause."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, WorkerGroupError
     from ray.train.torch import TorchTrainer
 
     from raymed.data.handoff import train_data_config
@@ -354,4 +411,10 @@ def fit(config: Config, datasets: dict, loop=train_loop_per_worker):
             failure_config=FailureConfig(max_failures=train.max_failures),
         ),
     )
-    return trainer.fit()
+    try:
+        return trainer.fit()
+    except WorkerGroupError as err:
+        ranks = ",".join(map(str, sorted(err.worker_failures)))
+        cause = str(next(iter(err.worker_failures.values()))).strip().splitlines()[-1]
+        raise RaymedError(f"training failed on rank {ranks} after {train.max_failures} retries: {cause} "
+                          f"(checkpoints and logs: {train_dir(config)})") from err

@@ -16,6 +16,7 @@ from raymed.data.pipeline import build_datasets
 from raymed.config import TrainConfig
 from raymed.train import (
     ADAPTER_DIR,
+    EVENTS_FILE,
     METRICS_FILE,
     STATE_FILE,
     apply_scope,
@@ -121,11 +122,70 @@ def test_two_workers_train_checkpoint_and_resume(ray_cluster, default_assets, tm
     model = AutoModelForCausalLM.from_pretrained(checkpoint)  # loads as it is
     assert model.config.num_hidden_layers == 2
 
-    longer = load_config("ci-tiny", [*base, "train.max_steps=6", "train.warmup_steps=1"])
+    # A checkpoint directory Ray Train never registered (as a crash mid-write leaves one)
+    # must not be picked up, even though it looks newer and further along.
+    run_dir = checkpoint.parent
+    half_written = run_dir / "checkpoint_2099-01-01_00-00-00.000000"
+    half_written.mkdir()
+    (half_written / STATE_FILE).write_text(json.dumps({"step": 5, "data_position": 99}))
+    (half_written / "model.safetensors").write_bytes(b"\0" * 10)
+
+    longer = load_config("ci-tiny", [*base, "train.max_steps=8", "train.warmup_steps=1"])
     resumed = fit(longer, datasets)
-    assert resumed.metrics["step"] == 6
+    assert resumed.error is None and resumed.metrics["step"] == 8
     state = json.loads((Path(resumed.checkpoint.path) / STATE_FILE).read_text())
     assert state["attempt_started_at_step"] == 4  # resumed, not restarted from step 0
+    events = (train_dir(config) / "logs" / EVENTS_FILE).read_text()
+    assert f"resumed from checkpoint {checkpoint} at step 4" in events
+
+    # Checkpoints at steps 2, 4, 6, 8; the two with the lowest val_loss stay on disk.
+    val_loss = {m["step"]: m["val_loss"] for m in map(json.loads, (train_dir(config) / "logs" / METRICS_FILE)
+                                                    .read_text().splitlines()) if "val_loss" in m}
+    kept = {json.loads((d / STATE_FILE).read_text())["step"]
+            for d in run_dir.glob("checkpoint_*") if d.is_dir() and d != half_written}
+    assert kept == set(sorted(val_loss, key=val_loss.get)[:2])
+
+
+def _nan_after_step_2(config_data: dict) -> None:
+    """The real loop, with a weight turned to NaN before step 3 (as a diverging run does)."""
+    from raymed.config import Config
+    from raymed.train import WorkerLoop
+
+    class Diverging(WorkerLoop):
+        def _train_step(self, stream):
+            if self.step == 2:
+                with torch.no_grad():
+                    next(self.model.parameters()).fill_(float("nan"))
+            return super()._train_step(stream)
+
+    Diverging(Config.model_validate(config_data)).run()
+
+
+@pytest.mark.slow
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(ray_cluster, default_assets, tmp_path):
+    from raymed.errors import RaymedError
+
+    config = load_config("ci-tiny", [f"data.train_path={_signs_corpus(tmp_path)}", "data.block_size=64",
+                                     "data.val_fraction=0.1", f"storage_path={tmp_path}", "run_name=nan",
+                                     "train.eval_every=2", "train.max_steps=6", "train.warmup_steps=1",
+                                     "train.max_failures=0"])
+    datasets, _ = build_datasets(config)
+    with pytest.raises(RaymedError, match="training failed on rank 0,1 after 0 retries: .*loss is nan at step 3"):
+        fit(config, datasets, loop=_nan_after_step_2)
+    checkpoints = [d for d in (train_dir(config) / "nan").glob("checkpoint_*") if d.is_dir()]
+    assert len(checkpoints) == 1
+    last_good = checkpoints[0]
+    assert json.loads((last_good / STATE_FILE).read_text())["step"] == 2
+    model = AutoModelForCausalLM.from_pretrained(last_good)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_truncated_checkpoint_weights_name_the_file(tmp_path):
+    from raymed.errors import RaymedError
+
+    (tmp_path / "model.safetensors").write_bytes(b"\0" * 10)
+    with pytest.raises(RaymedError, match=f"checkpoint file {tmp_path / 'model.safetensors'} is unreadable"):
+        load_checkpoint_model(_tiny_llama(), tmp_path)
 
 
 CRASH_STEP = 4  # a validation step: the loop reports (and checkpoints) at steps 2, 4, 6
@@ -178,6 +238,8 @@ def test_killed_worker_resumes_from_last_checkpoint_and_matches(ray_cluster, def
     assert result.error is None and result.metrics["step"] == 6
     state = json.loads((Path(result.checkpoint.path) / STATE_FILE).read_text())
     assert state["attempt_started_at_step"] == CRASH_STEP  # resumed from its checkpoint, not step 0
+    events = (train_dir(faulty) / "logs" / EVENTS_FILE).read_text()
+    assert f"at step {CRASH_STEP}" in events and "resumed from checkpoint" in events
     expected, got = _losses_by_step(clean), _losses_by_step(faulty)
     assert sorted(got) == [1, 2, 3, 4, 5, 6]
     assert [got[s] for s in range(1, 7)] == pytest.approx([expected[s] for s in range(1, 7)], abs=1e-4)
