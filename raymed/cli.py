@@ -63,6 +63,19 @@ def _parser() -> argparse.ArgumentParser:
     _add_config_args(train)
     train.set_defaults(run=_run_train)
 
+    sweep = commands.add_parser(
+        "tune",
+        help="a Ray Tune sweep (learning rate, warmup, any field) with ASHA early stopping",
+        description="Sample the config's tune.space (or --space FILE), run each sample as a Ray "
+        "Train trial, stop weak ones early (ASHA), and write results.csv, curves.png and best.json "
+        "under <storage_path>/runs/<run_name>/tune/.",
+    )
+    _add_config_args(sweep)
+    sweep.add_argument("--space", type=Path, metavar="YAML",
+                       help="a sweep file: tune fields (space, metric, num_samples, ...), e.g. tune/spaces/lr-warmup.yaml")
+    sweep.add_argument("--resume", action="store_true", help="continue an interrupted sweep of this run_name")
+    sweep.set_defaults(run=_run_tune)
+
     config = commands.add_parser(
         "config",
         help="validate a config and print it resolved",
@@ -143,6 +156,26 @@ def _run_train(args: argparse.Namespace) -> int:
     result = fit(config, datasets)
     print(f"final metrics: {result.metrics}")
     print(f"latest checkpoint: {result.checkpoint.path if result.checkpoint else 'none'}")
+    return 0
+
+
+def _run_tune(args: argparse.Namespace) -> int:
+    import ray
+
+    from raymed.config import load_config, read_yaml
+    from raymed.data.pipeline import build_datasets
+    from raymed.sweep import format_table, run_sweep
+
+    sections = {"tune": read_yaml(args.space)} if args.space else None
+    config = load_config(args.config, args.overrides, sections)
+    if not ray.is_initialized():
+        ray.init(include_dashboard=False, configure_logging=False)
+    datasets, _ = build_datasets(config)
+    result = run_sweep(config, datasets, resume=args.resume)
+    print(format_table(config, result))
+    print(f"results: {result.directory / 'results.csv'}, learning curves: {result.directory / 'curves.png'}")
+    print(f"best trial {result.best.trial}: {config.tune.metric} {result.best.best:.4f} at step "
+          f"{result.best.best_step}, checkpoint {result.best.best_checkpoint}")
     return 0
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from raymed.errors import RaymedError
 
@@ -71,8 +71,12 @@ class TrainConfig(_Section):
     num_workers: int = Field(1, ge=1)
     use_gpu: bool = False
     cpus_per_worker: float = Field(1, gt=0)
+    gpus_per_worker: float = Field(1, gt=0)
+    """With use_gpu: a fraction (e.g. 0.5) packs several Tune trials onto one GPU."""
     lr: float = Field(5e-5, gt=0, lt=1)
     warmup_steps: int = Field(10, ge=0)
+    warmup_ratio: float | None = Field(None, ge=0, lt=1)
+    """When set, the warmup is this fraction of max_steps (and warmup_steps is ignored)."""
     lr_schedule: Literal["linear", "cosine"] = "linear"
     max_steps: int = Field(100, ge=1)
     micro_batch_size: int = Field(8, ge=1)
@@ -97,13 +101,104 @@ class TrainConfig(_Section):
     def _consistent(self) -> TrainConfig:
         if (self.scope == "top_layers") != (self.top_layers is not None):
             raise ValueError("scope: top_layers and train.top_layers go together")
-        if self.warmup_steps >= self.max_steps:
+        if self.effective_warmup_steps >= self.max_steps:
             raise ValueError(
-                f"warmup_steps ({self.warmup_steps}) must be < max_steps ({self.max_steps})"
+                f"warmup_steps ({self.effective_warmup_steps}) must be < max_steps ({self.max_steps})"
             )
         if (self.bf16 or self.compile) and not self.use_gpu:
             raise ValueError("bf16 and compile need use_gpu: true")
         return self
+
+
+    @property
+    def effective_warmup_steps(self) -> int:
+        if self.warmup_ratio is not None:
+            return round(self.warmup_ratio * self.max_steps)
+        return self.warmup_steps
+
+
+Distribution = Literal["loguniform", "uniform", "randint", "choice", "grid"]
+TUNE_METRICS = {"val_loss": "min", "val_ppl": "min", "val_token_acc": "max"}
+
+
+class TuneConfig(_Section):
+    """A Ray Tune sweep (`raymed tune`): each trial is a Ray Train run of this config with
+    the `space` fields sampled."""
+
+    space: dict[str, dict[Distribution, list[Any]]] = Field(default_factory=lambda: {
+        "train.lr": {"loguniform": [1e-4, 3e-3]},
+        "train.warmup_steps": {"randint": [0, 4]},
+    })
+    """Dotted config field → one distribution: loguniform/uniform [low, high], randint
+    [low, high), choice [values...], or grid [values...] (every value, each `num_samples`
+    times)."""
+    metric: Literal["val_loss", "val_ppl", "val_token_acc"] = "val_loss"
+    num_samples: int = Field(4, ge=1)
+    max_concurrent_trials: int = Field(2, ge=1)
+    search: Literal["random", "optuna"] = "random"
+    scheduler: Literal["asha", "none"] = "asha"
+    grace_period: int = Field(4, ge=1)
+    """ASHA: training steps every trial runs before it can be stopped."""
+    reduction_factor: float = Field(2, gt=1)
+
+    @property
+    def mode(self) -> Literal["min", "max"]:
+        return TUNE_METRICS[self.metric]
+
+    @field_validator("space", mode="before")
+    @classmethod
+    def _numbers(cls, space):
+        """YAML reads `1e-3` (no dot) as a string; in a distribution it means the number."""
+        if isinstance(space, dict):
+            return {field: {kind: [_number(a) for a in args] if isinstance(args, list) else args
+                            for kind, args in spec.items()} if isinstance(spec, dict) else spec
+                    for field, spec in space.items()}
+        return space
+
+    @model_validator(mode="after")
+    def _valid_space(self) -> TuneConfig:
+        if not self.space:
+            raise ValueError("the search space is empty: name at least one field, e.g. train.lr")
+        for field, spec in self.space.items():
+            _check_field_path(field)
+            if len(spec) != 1:
+                raise ValueError(f"{field}: give exactly one distribution, got {sorted(spec) or 'none'}")
+            (kind, args), = spec.items()
+            if kind in ("choice", "grid"):
+                if not args:
+                    raise ValueError(f"{field}: {kind} needs at least one value")
+            elif len(args) != 2 or not all(isinstance(a, (int, float)) for a in args) or args[0] >= args[1]:
+                raise ValueError(f"{field}: {kind} needs [low, high] numbers with low < high, got {args}")
+            elif kind == "loguniform" and args[0] <= 0:
+                raise ValueError(f"{field}: loguniform needs low > 0, got {args[0]}")
+        return self
+
+
+def _number(value):
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
+def _check_field_path(path: str) -> None:
+    """`train.lr` must name a field of Config (sections walked by their pydantic models)."""
+    model: type[BaseModel] = Config
+    parts = path.split(".")
+    for depth, part in enumerate(parts):
+        field = model.model_fields.get(part)
+        if field is None:
+            raise ValueError(f"{path}: no such config field ({part!r})")
+        annotation = field.annotation
+        is_section = isinstance(annotation, type) and issubclass(annotation, BaseModel)
+        if depth < len(parts) - 1:
+            if not is_section:
+                raise ValueError(f"{path}: {part} is not a section")
+            model = annotation
+        elif is_section:
+            raise ValueError(f"{path}: name a field inside the {part} section")
 
 
 class Config(_Section):
@@ -116,6 +211,9 @@ class Config(_Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    tune: TuneConfig = Field(default_factory=TuneConfig)
+    trial_name: str | None = None
+    """Set by `raymed tune` for each trial (its Ray Train run lives under the sweep); leave unset."""
 
 
 def preset_names() -> list[str]:
@@ -123,9 +221,13 @@ def preset_names() -> list[str]:
     return sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
 
 
-def load_config(source: str | Path | None = None, overrides: list[str] = ()) -> Config:
-    """Build a Config from a preset name or YAML path, then `a.b=value` overrides."""
-    raw = _read_yaml(source) if source else {}
+def load_config(source: str | Path | None = None, overrides: list[str] = (),
+                sections: dict | None = None) -> Config:
+    """Build a Config from a preset name or YAML path, then `sections` (whole sections from
+    another file, e.g. a sweep's `tune`), then `a.b=value` overrides."""
+    raw = read_yaml(source) if source else {}
+    for name, section in (sections or {}).items():
+        raw[name] = {**raw.get(name, {}), **section}
     for override in overrides:
         _apply_override(raw, override)
     try:
@@ -134,7 +236,23 @@ def load_config(source: str | Path | None = None, overrides: list[str] = ()) -> 
         raise RaymedError(f"bad config ({source or 'defaults'}): {_describe(err)}") from None
 
 
-def _read_yaml(source: str | Path) -> dict:
+def with_values(config: Config, values: dict[str, Any]) -> Config:
+    """`config` with dotted fields replaced by typed values (a Tune trial's sample)."""
+    raw = config.model_dump()
+    for key, value in values.items():
+        *parents, leaf = key.split(".")
+        node = raw
+        for part in parents:
+            node = node[part]
+        node[leaf] = value
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as err:
+        raise RaymedError(f"bad config: {_describe(err)}") from None
+
+
+def read_yaml(source: str | Path) -> dict:
+    """A YAML mapping from a path, or from a preset name in configs/."""
     path = Path(source)
     if not path.suffix and not path.exists():
         path = PRESETS_DIR / f"{source}.yaml"

@@ -33,8 +33,10 @@ EVENTS_FILE = "train.log"
 
 
 def train_dir(config: Config) -> Path:
-    """Where Ray Train writes this run (checkpoints under <run_name>/, logs under logs/)."""
-    return Path(config.storage_path).expanduser() / "runs" / config.run_name / "train"
+    """Where Ray Train writes this run (checkpoints under <run_name>/, logs under logs/);
+    a sweep's trial writes under the sweep's tune/ directory instead."""
+    run = Path(config.storage_path).expanduser() / "runs" / config.run_name
+    return run / "tune" / "trials" / config.trial_name if config.trial_name else run / "train"
 
 
 class RunLog:
@@ -243,7 +245,8 @@ class WorkerLoop:
                                            fused=train.use_gpu)
         self.forward = torch.compile(self.model) if train.compile else self.model
         self.autocast = partial(torch.autocast, self.device.type, dtype=torch.bfloat16, enabled=train.bf16)
-        self.scheduler = get_scheduler(train.lr_schedule, self.optimizer, train.warmup_steps, train.max_steps)
+        self.scheduler = get_scheduler(train.lr_schedule, self.optimizer,
+                                       train.effective_warmup_steps, train.max_steps)
         self.rank0 = ray.train.get_context().get_world_rank() == 0
         self.log = RunLog(train_dir(config) / "logs") if self.rank0 else None
         self.step, self.position = self._resume()
@@ -384,9 +387,17 @@ def _unwrap(model):
     return model.module if hasattr(model, "module") else model
 
 
-def fit(config: Config, datasets: dict, loop=train_loop_per_worker):
+def _worker_resources(train: TrainConfig) -> dict[str, float]:
+    resources = {"CPU": train.cpus_per_worker}
+    if train.use_gpu:
+        resources["GPU"] = train.gpus_per_worker
+    return resources
+
+
+def fit(config: Config, datasets: dict, loop=train_loop_per_worker, callbacks=()):
     """Run the TorchTrainer for `config` on the data stage's `datasets`; the Ray Result.
-    `loop` is the per-worker function (tests wrap it to inject faults). Worker failures
+    `loop` is the per-worker function (tests wrap it to inject faults); `callbacks` are
+    Ray Train callbacks (a sweep passes Tune's report callback). Worker failures
     beyond `train.max_failures` raise RaymedError naming the cause."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, WorkerGroupError
     from ray.train.torch import TorchTrainer
@@ -399,16 +410,17 @@ def fit(config: Config, datasets: dict, loop=train_loop_per_worker):
         loop,
         train_loop_config=config.model_dump(),
         scaling_config=ScalingConfig(num_workers=train.num_workers, use_gpu=train.use_gpu,
-                                     resources_per_worker={"CPU": train.cpus_per_worker}),
+                                     resources_per_worker=_worker_resources(train)),
         datasets=datasets,
         dataset_config=train_data_config(config.data.deterministic),
         run_config=RunConfig(
-            name=config.run_name,
+            name=config.trial_name or config.run_name,
             storage_path=str(train_dir(config)),
             checkpoint_config=CheckpointConfig(num_to_keep=train.keep_checkpoints,
                                                checkpoint_score_attribute="val_loss",
                                                checkpoint_score_order="min"),
             failure_config=FailureConfig(max_failures=train.max_failures),
+            callbacks=list(callbacks),
         ),
     )
     try:
