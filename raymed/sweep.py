@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from raymed.config import Config, with_values
-from raymed.errors import RaymedError
+from raymed.errors import RaymedError, last_line
 
 EXPERIMENT = "sweep"
 
@@ -63,8 +63,9 @@ def run_trial(params: dict, *, config_data: dict, datasets: dict) -> None:
     fit(trial, datasets, callbacks=[TuneReportCallback()])
 
 
-def run_sweep(config: Config, datasets: dict, *, resume: bool = False) -> SweepResult:
-    """Run (or, with `resume`, continue) the sweep; then tabulate, plot and pick the best."""
+def run_sweep(config: Config, datasets: dict, *, resume: bool = False, progress: bool = True) -> SweepResult:
+    """Run (or, with `resume`, continue) the sweep; then tabulate, plot and pick the best.
+    `progress` prints Tune's trial table as it goes."""
     from ray import tune
 
     directory = sweep_dir(config)
@@ -81,13 +82,13 @@ def run_sweep(config: Config, datasets: dict, *, resume: bool = False) -> SweepR
         if experiment.exists():
             raise RaymedError(f"a sweep already exists at {experiment}: add --resume to continue it, "
                               "or choose another run_name")
-        tuner = _new_tuner(config, trainable, directory)
+        tuner = _new_tuner(config, trainable, directory, verbose=1 if progress else 0)
     grid = tuner.fit()
     rows = [_row(config, result) for result in grid]
     return _summarize(config, rows, directory)
 
 
-def _new_tuner(config: Config, trainable, directory: Path):
+def _new_tuner(config: Config, trainable, directory: Path, verbose: int):
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
@@ -104,7 +105,7 @@ def _new_tuner(config: Config, trainable, directory: Path):
             metric=sweep.metric, mode=sweep.mode, num_samples=sweep.num_samples,
             scheduler=scheduler, search_alg=_search_algorithm(config),
         ),
-        run_config=tune.RunConfig(name=EXPERIMENT, storage_path=str(directory),
+        run_config=tune.RunConfig(name=EXPERIMENT, storage_path=str(directory), verbose=verbose,
                                   failure_config=tune.FailureConfig(max_failures=0)),
     )
 
@@ -146,21 +147,16 @@ def _row(config: Config, result) -> TrialRow:
     params = {k: v for k, v in result.config.items() if k in config.tune.space}
     if history is None or metric not in history or history[metric].dropna().empty:
         error = result.error or f"it reported no {metric}"
-        return TrialRow(trial, params, None, None, 0, f"failed: {_one_line(error)}", None)
+        return TrialRow(trial, params, None, None, 0, f"failed: {last_line(error)}", None)
     scored = history.dropna(subset=[metric])
     best = scored.loc[scored[metric].idxmin() if mode == "min" else scored[metric].idxmax()]
     steps = int(history["step"].max())
     if result.error:
-        status = f"failed: {_one_line(result.error)}"
+        status = f"failed: {last_line(result.error)}"
     else:
         status = "finished" if steps >= config.train.max_steps else "stopped early"
     return TrialRow(trial, params, float(best[metric]), int(best["step"]), steps, status,
                     best.get("checkpoint_path"))
-
-
-def _one_line(error) -> str:
-    lines = [line for line in str(error).strip().splitlines() if line.strip()]
-    return lines[-1] if lines else type(error).__name__
 
 
 def _summarize(config: Config, rows: list[TrialRow], directory: Path) -> SweepResult:

@@ -24,7 +24,7 @@ from tqdm import tqdm
 from raymed.assets import resolve_pretrained
 from raymed.config import Config, ModelConfig, TrainConfig
 from raymed.data.records import IGNORE_INDEX
-from raymed.errors import RaymedError
+from raymed.errors import RaymedError, last_line
 
 STATE_FILE = "trainer_state.json"
 ADAPTER_DIR = "adapter"
@@ -77,7 +77,8 @@ def build_model(model_config: ModelConfig, tokenizer):
         return AutoModelForCausalLM.from_config(_scratch_config(model_config, tokenizer), attn_implementation=attn)
     path = resolve_pretrained(model_config.name)
     try:
-        return AutoModelForCausalLM.from_pretrained(path, attn_implementation=attn, dtype=torch.float32)
+        return AutoModelForCausalLM.from_pretrained(path, attn_implementation=attn, dtype=torch.float32,
+                                                    use_safetensors=True)
     except (OSError, ValueError) as err:
         raise RaymedError(f"{model_config.name} is not a causal LM that transformers can load: {err}") from None
 
@@ -417,8 +418,8 @@ def fit(config: Config, datasets: dict, loop=train_loop_per_worker, callbacks=()
             name=config.trial_name or config.run_name,
             storage_path=str(train_dir(config)),
             checkpoint_config=CheckpointConfig(num_to_keep=train.keep_checkpoints,
-                                               checkpoint_score_attribute="val_loss",
-                                               checkpoint_score_order="min"),
+                                               checkpoint_score_attribute=config.tune.metric,
+                                               checkpoint_score_order=config.tune.mode),
             failure_config=FailureConfig(max_failures=train.max_failures),
             callbacks=list(callbacks),
         ),
@@ -426,7 +427,7 @@ def fit(config: Config, datasets: dict, loop=train_loop_per_worker, callbacks=()
     try:
         return trainer.fit()
     except WorkerGroupError as err:
-        ranks = ",".join(map(str, sorted(err.worker_failures)))
-        cause = str(next(iter(err.worker_failures.values()))).strip().splitlines()[-1]
-        raise RaymedError(f"training failed on rank {ranks} after {train.max_failures} retries: {cause} "
-                          f"(checkpoints and logs: {train_dir(config)})") from err
+        causes = "; ".join(f"rank {rank}: {last_line(error)}" for rank, error in sorted(err.worker_failures.items()))
+        raise RaymedError(f"training failed after {train.max_failures} retries ({causes}); "
+                          f"checkpoints and logs: {train_dir(config)}") from err
+
