@@ -18,8 +18,10 @@ from pathlib import Path
 
 from raymed.config import Config, with_values
 from raymed.errors import RaymedError, last_line
+from raymed.train import METRICS_FILE, STATE_FILE
 
 EXPERIMENT = "sweep"
+TRIAL_FILE = "trial.json"
 
 
 @dataclass
@@ -58,8 +60,12 @@ def run_trial(params: dict, *, config_data: dict, datasets: dict) -> None:
 
     from raymed.train import fit
 
+    context = tune.get_context()
     trial = with_values(Config.model_validate(config_data), params)
-    trial = trial.model_copy(update={"trial_name": tune.get_context().get_trial_id()})
+    trial = trial.model_copy(update={"trial_name": context.get_trial_id()})
+    own_dir = sweep_dir(trial) / "trials" / trial.trial_name
+    own_dir.mkdir(parents=True, exist_ok=True)
+    (own_dir / TRIAL_FILE).write_text(json.dumps({"tune_dir": Path(context.get_trial_dir()).name, "params": params}))
     fit(trial, datasets, callbacks=[TuneReportCallback()])
 
 
@@ -140,23 +146,46 @@ def _search_algorithm(config: Config):
 
 
 def _row(config: Config, result) -> TrialRow:
-    """A trial's line: its sample, best validation figure (and checkpoint), steps, fate."""
-    metric, mode = config.tune.metric, config.tune.mode
-    history = result.metrics_dataframe
-    trial = (result.metrics or {}).get("trial_id") or Path(result.path).name
+    """A trial's line: its sample, best validation figure and checkpoint, steps, fate.
+    Read from the trial's own step log (flushed every step, so it survives a killed sweep
+    driver), not from Tune's result files."""
+    metric, sign = config.tune.metric, 1 if config.tune.mode == "min" else -1
+    trial = _trial_names(config).get(Path(result.path).name, Path(result.path).name)
     params = {k: v for k, v in result.config.items() if k in config.tune.space}
-    if history is None or metric not in history or history[metric].dropna().empty:
+    trial_dir = sweep_dir(config) / "trials" / trial
+    history = _history(trial_dir / "logs" / METRICS_FILE)
+    scored = {step: m[metric] for step, m in history.items() if math.isfinite(m.get(metric, math.nan))}
+    if not scored:
         error = result.error or f"it reported no {metric}"
-        return TrialRow(trial, params, None, None, 0, f"failed: {last_line(error)}", None)
-    scored = history.dropna(subset=[metric])
-    best = scored.loc[scored[metric].idxmin() if mode == "min" else scored[metric].idxmax()]
-    steps = int(history["step"].max())
+        return TrialRow(trial, params, None, None, max(history, default=0), f"failed: {last_line(error)}", None)
+    best_step = min(scored, key=lambda step: sign * scored[step])
+    steps = max(history)
     if result.error:
         status = f"failed: {last_line(result.error)}"
     else:
         status = "finished" if steps >= config.train.max_steps else "stopped early"
-    return TrialRow(trial, params, float(best[metric]), int(best["step"]), steps, status,
-                    best.get("checkpoint_path"))
+    return TrialRow(trial, params, scored[best_step], best_step, steps, status,
+                    _checkpoint_at(trial_dir / trial, best_step))
+
+
+def _trial_names(config: Config) -> dict[str, str]:
+    """Tune's trial directory name → the trial's name under trials/ (from its trial.json)."""
+    return {json.loads(p.read_text())["tune_dir"]: p.parent.name
+            for p in (sweep_dir(config) / "trials").glob(f"*/{TRIAL_FILE}")}
+
+
+def _history(path: Path) -> dict[int, dict]:
+    """step → metrics; a step run twice (after a resume) keeps its last line."""
+    if not path.is_file():
+        return {}
+    return {m["step"]: m for m in map(json.loads, path.read_text().splitlines())}
+
+
+def _checkpoint_at(run_dir: Path, step: int) -> str | None:
+    for state in run_dir.glob(f"checkpoint_*/{STATE_FILE}"):
+        if json.loads(state.read_text())["step"] == step:
+            return str(state.parent)
+    return None
 
 
 def _summarize(config: Config, rows: list[TrialRow], directory: Path) -> SweepResult:
