@@ -207,7 +207,7 @@ def _ray_init() -> None:
 
 def _run_eval(args: argparse.Namespace) -> int:
     from raymed.config import load_config
-    from raymed.eval import evaluate, render_table
+    from raymed.eval import evaluate, render_table, resolve_model_dir
 
     overrides = list(args.overrides)
     if args.data:
@@ -217,6 +217,8 @@ def _run_eval(args: argparse.Namespace) -> int:
     if args.max_items is not None:
         overrides.append(f"eval.max_items={args.max_items}")
     config = load_config(args.config, overrides)
+    for model in filter(None, (args.model, args.base)):
+        resolve_model_dir(model)  # a bad directory fails before Ray starts
     _ray_init()
     report, path = evaluate(config, args.model, base=args.base, out_dir=args.out, validation=not args.no_validation)
     print(render_table(report))
@@ -226,9 +228,12 @@ def _run_eval(args: argparse.Namespace) -> int:
 
 def _run_promote(args: argparse.Namespace) -> int:
     from raymed.config import load_config
+    from raymed.eval import find_checkpoints
     from raymed.promote import describe, promote_best
 
     config = load_config(args.config, args.overrides)
+    for candidate in args.candidate:
+        find_checkpoints(candidate)  # a bad directory fails before Ray starts
     _ray_init()
     result = promote_best(args.candidate, config, source=args.source, out_dir=args.out)
     print(describe(result))

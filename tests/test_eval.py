@@ -216,3 +216,27 @@ def test_batch_inference_agrees_with_in_process_scoring(ray_cluster, tiny_model,
     low, high = comparison["mcq_acc"]["ci"]
     assert low <= comparison["mcq_acc"]["diff"] <= high
     assert "candidate − base (95% CI)" in render_table(report)
+
+
+def test_the_cli_refuses_a_non_model_before_starting_ray(tmp_path, capsys):
+    from raymed.cli import main
+
+    assert main(["eval", "--model", str(tmp_path)]) == 1
+    assert capsys.readouterr().err.strip() == (
+        f"raymed: error: {tmp_path} is not a model directory (no config.json): "
+        "give a Hugging Face model directory or a training checkpoint")
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("eval.max_items=0", "eval.max_items: Input should be greater than or equal to 1 (got 0)"),
+        ("eval.gate_metric=acc", "eval.gate_metric: Input should be 'val_loss' or 'mcq_acc' (got 'acc')"),
+        ("eval.confidence=1.5", "eval.confidence: Input should be less than 1 (got 1.5)"),
+        ("eval.gpus=1", "eval.gpus: unknown field (got 1)"),
+        ("registry.name=a/b", "registry.name: String should match pattern"),
+    ],
+)
+def test_eval_and_registry_config_errors_name_the_field(override, expected):
+    with pytest.raises(RaymedError, match=expected.replace("(", r"\(").replace(")", r"\)")):
+        load_config(None, [override])
