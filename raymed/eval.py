@@ -207,7 +207,8 @@ class BlockScorer:
         with torch.no_grad():
             logits = self.model(input_ids=tensors["input_ids"], position_ids=tensors["position_ids"]).logits
         loss, correct, count = token_metrics(logits, tensors["labels"])
-        return {"loss_sum": np.array([loss]), "correct": np.array([correct]), "count": np.array([count])}
+        return {"loss_sum": np.array([loss]), "correct": np.array([correct]), "count": np.array([count]),
+                "blocks": np.array([len(tensors["input_ids"])])}
 
 
 def val_metrics(loss_sum: float, correct: int, count: int) -> dict[str, float]:
@@ -222,6 +223,8 @@ def _actor_options(eval_config: EvalConfig) -> tuple[str, dict]:
     """The device actors use and their map_batches resources: one GPU each where the cluster has GPUs."""
     import ray
 
+    if not ray.is_initialized():
+        ray.init(include_dashboard=False, configure_logging=False)
     device = eval_config.device
     if device == "auto":
         device = "cuda" if ray.cluster_resources().get("GPU", 0) > 0 else "cpu"
@@ -260,10 +263,10 @@ def score_blocks(model_dir: Path, blocks, eval_config: EvalConfig, label: str = 
         batch_size=eval_config.blocks_per_batch, batch_format="numpy", **options,
     )
     totals = np.zeros(3, dtype=np.float64)
-    with tqdm(desc=f"val {label}", unit="batch") as bar:
+    with tqdm(total=blocks.count(), desc=f"val {label}", unit="block") as bar:
         for batch in scored.iter_batches(batch_format="numpy", batch_size=None):
             totals += [batch["loss_sum"].sum(), batch["correct"].sum(), batch["count"].sum()]
-            bar.update(len(batch["count"]))
+            bar.update(int(batch["blocks"].sum()))
     return val_metrics(totals[0], int(totals[1]), int(totals[2]))
 
 
