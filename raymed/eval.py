@@ -17,6 +17,7 @@ import json
 import math
 import random
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -174,41 +175,68 @@ def group_mask(items: list[dict], key: str, value: str) -> np.ndarray:
 
 # ---------------------------------------------------------------- Ray Data actors
 
-class MCQScorer:
-    """Ray Data actor: loads the model once; picks each item's option by log-likelihood."""
+class _Scorer:
+    """A Ray Data actor that scores rows for any of several models (column `model` holds
+    the label): each model is loaded once, and the two most recent stay loaded, so one
+    actor pool serves every model of an evaluation (rows arrive grouped by model)."""
 
-    def __init__(self, model_dir: str, device: str, length_norm: bool):
-        self.model, self.tokenizer = load_model(model_dir, device)
+    KEEP_LOADED = 2
+
+    def __init__(self, models: dict[str, str], device: str):
+        self.models, self.device = models, device
+        self.loaded: OrderedDict[str, tuple] = OrderedDict()
+
+    def model(self, label: str):
+        if label not in self.loaded:
+            while len(self.loaded) >= self.KEEP_LOADED:
+                self.loaded.popitem(last=False)
+            self.loaded[label] = load_model(self.models[label], self.device)
+        self.loaded.move_to_end(label)
+        return self.loaded[label]
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        labels = batch["model"]
+        parts = [self.score(str(label), {k: v[labels == label] for k, v in batch.items()})
+                 for label in dict.fromkeys(labels)]
+        return {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
+
+    def score(self, label: str, rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+
+class MCQScorer(_Scorer):
+    """Picks each item's option by the model's (length-normalised) log-likelihood."""
+
+    def __init__(self, models: dict[str, str], device: str, length_norm: bool):
+        super().__init__(models, device)
         self.length_norm = length_norm
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def score(self, label: str, rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from raymed.mcq import option_logprobs, pick
 
+        model, tokenizer = self.model(label)
         picks = []
-        for question, options_json in zip(batch["question"], batch["options"]):
+        for question, options_json in zip(rows["question"], rows["options"]):
             options = json.loads(options_json)
-            logprobs = option_logprobs(self.model, self.tokenizer, str(question), options)
+            logprobs = option_logprobs(model, tokenizer, str(question), options)
             picks.append(pick(options, logprobs, length_norm=self.length_norm))
-        return {"index": batch["index"], "pick": np.array(picks, dtype=np.int64)}
+        return {"model": rows["model"], "index": rows["index"], "pick": np.array(picks, dtype=np.int64)}
 
 
-class BlockScorer:
-    """Ray Data actor: loads the model once; summed loss, correct and counted tokens per batch."""
+class BlockScorer(_Scorer):
+    """Summed next-token loss, correct predictions and counted tokens of packed blocks."""
 
-    def __init__(self, model_dir: str, device: str):
-        self.model, _ = load_model(model_dir, device)
-        self.device = device
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def score(self, label: str, rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from raymed.train import token_metrics
 
-        tensors = {k: torch.as_tensor(np.asarray(batch[k]), dtype=torch.long).to(self.device)
+        model, _ = self.model(label)
+        tensors = {k: torch.as_tensor(np.asarray(rows[k]), dtype=torch.long).to(self.device)
                    for k in ("input_ids", "labels", "position_ids")}
         with torch.no_grad():
-            logits = self.model(input_ids=tensors["input_ids"], position_ids=tensors["position_ids"]).logits
+            logits = model(input_ids=tensors["input_ids"], position_ids=tensors["position_ids"]).logits
         loss, correct, count = token_metrics(logits, tensors["labels"])
-        return {"loss_sum": np.array([loss]), "correct": np.array([correct]), "count": np.array([count]),
-                "blocks": np.array([len(tensors["input_ids"])])}
+        return {"model": np.array([label]), "loss_sum": np.array([loss]), "correct": np.array([correct]),
+                "count": np.array([count]), "blocks": np.array([len(rows["model"])])}
 
 
 def val_metrics(loss_sum: float, correct: int, count: int) -> dict[str, float]:
@@ -234,40 +262,54 @@ def _actor_options(eval_config: EvalConfig) -> tuple[str, dict]:
     return device, options
 
 
-def score_items(model_dir: Path, items: list[dict], eval_config: EvalConfig, label: str = "model") -> np.ndarray:
-    """The option each item's model picks (Ray Data batch inference on an actor pool)."""
+def score_items(models: dict[str, Path], items: list[dict], eval_config: EvalConfig) -> dict[str, np.ndarray]:
+    """The option each model picks for each item (Ray Data batch inference on one actor pool)."""
     import ray
 
     device, options = _actor_options(eval_config)
-    rows = [{"index": i, "question": item["question"], "options": json.dumps(item["options"])}
-            for i, item in enumerate(items)]
-    dataset = ray.data.from_items(rows, override_num_blocks=min(len(rows), 4 * eval_config.actors))
+    rows = [{"model": label, "index": i, "question": item["question"], "options": json.dumps(item["options"])}
+            for label in models for i, item in enumerate(items)]
+    dataset = ray.data.from_items(rows, override_num_blocks=min(len(rows), 4 * eval_config.actors * len(models)))
     scored = dataset.map_batches(
-        MCQScorer, fn_constructor_kwargs={"model_dir": str(model_dir), "device": device,
+        MCQScorer, fn_constructor_kwargs={"models": _plain(models), "device": device,
                                           "length_norm": eval_config.length_norm},
         batch_size=eval_config.items_per_batch, batch_format="numpy", **options,
     )
-    picks = np.full(len(items), -1, dtype=np.int64)
-    with tqdm(total=len(items), desc=f"mcq {label}", unit="item") as bar:
+    picks = {label: np.full(len(items), -1, dtype=np.int64) for label in models}
+    with tqdm(total=len(rows), desc="multiple choice", unit="item") as bar:
         for batch in scored.iter_batches(batch_format="numpy", batch_size=None):
-            picks[batch["index"]] = batch["pick"]
+            for label, index, choice in zip(batch["model"], batch["index"], batch["pick"]):
+                picks[str(label)][index] = choice
             bar.update(len(batch["index"]))
     return picks
 
 
-def score_blocks(model_dir: Path, blocks, eval_config: EvalConfig, label: str = "model") -> dict[str, float]:
-    """val_loss / val_ppl / val_token_acc over a Dataset of packed blocks."""
+def score_blocks(models: dict[str, Path], blocks: dict[str, object], eval_config: EvalConfig) -> dict[str, dict]:
+    """val_loss / val_ppl / val_token_acc of each model over its Dataset of packed blocks
+    (`blocks[label]`; models sharing a tokenizer share one), on one actor pool."""
     device, options = _actor_options(eval_config)
-    scored = blocks.select_columns(["input_ids", "labels", "position_ids"]).map_batches(
-        BlockScorer, fn_constructor_kwargs={"model_dir": str(model_dir), "device": device},
+    tagged = [blocks[label].select_columns(["input_ids", "labels", "position_ids"])
+              .map_batches(_tag, fn_kwargs={"label": label}, batch_format="numpy") for label in models]
+    dataset = tagged[0].union(*tagged[1:]) if len(tagged) > 1 else tagged[0]
+    scored = dataset.map_batches(
+        BlockScorer, fn_constructor_kwargs={"models": _plain(models), "device": device},
         batch_size=eval_config.blocks_per_batch, batch_format="numpy", **options,
     )
-    totals = np.zeros(3, dtype=np.float64)
-    with tqdm(total=blocks.count(), desc=f"val {label}", unit="block") as bar:
+    totals = {label: np.zeros(3, dtype=np.float64) for label in models}
+    with tqdm(total=sum(blocks[label].count() for label in models), desc="validation", unit="block") as bar:
         for batch in scored.iter_batches(batch_format="numpy", batch_size=None):
-            totals += [batch["loss_sum"].sum(), batch["correct"].sum(), batch["count"].sum()]
+            for label, *sums in zip(batch["model"], batch["loss_sum"], batch["correct"], batch["count"]):
+                totals[str(label)] += sums
             bar.update(int(batch["blocks"].sum()))
-    return val_metrics(totals[0], int(totals[1]), int(totals[2]))
+    return {label: val_metrics(t[0], int(t[1]), int(t[2])) for label, t in totals.items()}
+
+
+def _tag(batch: dict[str, np.ndarray], label: str) -> dict[str, np.ndarray]:
+    return {**batch, "model": np.full(len(batch["input_ids"]), label)}
+
+
+def _plain(models: dict[str, Path]) -> dict[str, str]:
+    return {label: str(path) for label, path in models.items()}
 
 
 def validation_blocks(config: Config, tokenizer_dir: Path):
@@ -351,20 +393,24 @@ def evaluate_models(config: Config, models: dict[str, str | Path], *, items: lis
     directories = {label: resolve_model_dir(path) for label, path in models.items()}
     if items is None:
         items = load_items(resolve_items_path(config.eval.mcq_path), max_items=config.eval.max_items, seed=config.seed)
+    metrics: dict[str, dict] = {label: {} for label in directories}
+    if validation:
+        by_tokenizer: dict[str, object] = {}
+        blocks = {}
+        for label, directory in directories.items():
+            key = tokenizer_digest(directory)
+            if key not in by_tokenizer:
+                by_tokenizer[key] = validation_blocks(config, directory)
+            blocks[label] = by_tokenizer[key]
+        for label, values in score_blocks(directories, blocks, config.eval).items():
+            metrics[label] |= values
+    picks = score_items(directories, items, config.eval)
     answers = np.array([item["answer"] for item in items])
-    blocks_by_tokenizer: dict[str, object] = {}
     results = {}
     for label, directory in directories.items():
-        metrics = {}
-        if validation:
-            key = tokenizer_digest(directory)
-            if key not in blocks_by_tokenizer:
-                blocks_by_tokenizer[key] = validation_blocks(config, directory)
-            metrics |= score_blocks(directory, blocks_by_tokenizer[key], config.eval, label)
-        picks = score_items(directory, items, config.eval, label)
-        correct = picks == answers
-        metrics |= mcq_metrics(items, correct)
-        results[label] = ModelEval(label, str(directory), metrics, picks, correct)
+        correct = picks[label] == answers
+        results[label] = ModelEval(label, str(directory), metrics[label] | mcq_metrics(items, correct),
+                                   picks[label], correct)
     return items, results
 
 
