@@ -27,7 +27,7 @@ from raymed.eval import (
 )
 from raymed.mcq import option_logprobs, pick
 
-ORGANS = ["the heart", "the liver", "the kidney", "the lung"]
+ORGANS = ["heart", "liver", "kidney", "lung"]  # one or two tokens each, differing from the first
 KNOWN = [("Which organ pumps blood around the body?", 0), ("Which organ filters blood to make urine?", 2)]
 
 
@@ -49,22 +49,26 @@ def test_pick_normalises_by_option_length():
 
 
 def test_scorer_picks_the_answer_a_model_has_learned(tiny_model):
-    """A tiny model trained on two question → answer pairs (same options, different answers)
-    must score each question's own answer highest: the scorer reads the question."""
+    """A tiny model trained to answer two questions (same options, different answers) must
+    score each question's own answer highest: the scorer reads the question, then the option.
+    (Untrained, this model picks the same option for both.)"""
     tokenizer = tiny_model.tokenizer
     model = tiny_model(seed=0).train()
-    sequences = []
+    rows = []
     for question, answer in KNOWN:
         prompt = tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
                                                add_generation_prompt=True)
-        sequences.append(tokenizer(prompt + ORGANS[answer], add_special_tokens=False).input_ids)
+        prompt_ids = tokenizer(prompt, add_special_tokens=False).input_ids
+        answer_ids = tokenizer(ORGANS[answer], add_special_tokens=False).input_ids
+        rows.append((prompt_ids + answer_ids, [-100] * len(prompt_ids) + answer_ids))
+    width = max(len(ids) for ids, _ in rows)
+    input_ids = torch.tensor([ids + [0] * (width - len(ids)) for ids, _ in rows])
+    labels = torch.tensor([lab + [-100] * (width - len(lab)) for _, lab in rows])
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    for _ in range(60):
-        for ids in sequences:
-            ids = torch.tensor([ids])
-            model(input_ids=ids, labels=ids).loss.backward()
-            optimizer.step()
-            optimizer.zero_grad()
+    for _ in range(40):
+        model(input_ids=input_ids, labels=labels).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
     model.eval()
     for question, answer in KNOWN:
         logprobs = option_logprobs(model, tokenizer, question, ORGANS)
