@@ -290,7 +290,9 @@ def score_blocks(models: dict[str, Path], blocks: dict[str, object], eval_config
     device, options = _actor_options(eval_config)
     tagged = [blocks[label].select_columns(["input_ids", "labels", "position_ids"])
               .map_batches(_tag, fn_kwargs={"label": label}, batch_format="numpy") for label in models]
-    dataset = tagged[0].union(*tagged[1:]) if len(tagged) > 1 else tagged[0]
+    # Materialized first: the actor pool may take every CPU, and a task stage upstream of it
+    # would then never be scheduled (a deadlock on a 2-CPU machine with eval.actors=2).
+    dataset = (tagged[0].union(*tagged[1:]) if len(tagged) > 1 else tagged[0]).materialize()
     scored = dataset.map_batches(
         BlockScorer, fn_constructor_kwargs={"models": _plain(models), "device": device},
         batch_size=eval_config.blocks_per_batch, batch_format="numpy", **options,
