@@ -204,3 +204,26 @@ def test_a_held_lock_makes_a_second_promotion_fail_cleanly(registry, tmp_path):
         assert time.monotonic() - started >= 0.3
     assert registry.versions() == ["v1"] and registry.current() == "v1"
     assert waiting.add(tmp_path / "late", {}) == "v2"  # free again once released
+
+
+def test_registry_cli_lists_shows_and_rolls_back(tmp_path, capsys):
+    from raymed.cli import main
+
+    store = ["--set", f"storage_path={tmp_path}"]
+    assert main(["registry", "list", *store]) == 0
+    assert "is empty (the base model is registered as v1 on first use)" in capsys.readouterr().out
+    registry = Registry.for_config(load_config(None, [f"storage_path={tmp_path}"]))
+    registry.add(_model_dir(tmp_path / "base", "base"), {"source": {"base_model": "smollm2"}, "metrics": {}})
+    registry.add(_model_dir(tmp_path / "cand", "cand"),
+                 {"source": {"trial": "t1", "checkpoint": "/ck/1"}, "metrics": {"val_loss": 2.5, "mcq_acc": 0.4}})
+    assert main(["registry", "list", *store]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].startswith("  v1 ") and lines[1].split()[2:] == ["-", "-", "smollm2"]
+    assert lines[2].startswith("* v2 ") and lines[2].split()[3:] == ["2.5000", "0.4000", "t1:", "/ck/1"]
+    assert main(["registry", "show", *store]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["version"] == "v2" and shown["path"] == str(registry.root / "v2")
+    assert main(["registry", "rollback", *store]) == 0
+    assert capsys.readouterr().out.strip() == "current: v2 → v1 (the next deploy serves v1)"
+    assert main(["registry", "rollback", "v5", *store]) == 1
+    assert "has no version 'v5'" in capsys.readouterr().err
