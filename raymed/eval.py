@@ -34,8 +34,6 @@ WEIGHT_SUFFIXES = (".safetensors",)
 UNSAFE_WEIGHTS = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                    "vocab.json", "merges.txt", "tokenizer.model")
-VAL_METRICS = ("val_loss", "val_ppl", "val_token_acc")
-LOWER_IS_BETTER = {"val_loss", "val_ppl"}
 
 
 # ---------------------------------------------------------------- model directories

@@ -26,6 +26,7 @@ import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
+from types import EllipsisType
 
 from raymed.config import Config
 from raymed.errors import RaymedError
@@ -132,7 +133,7 @@ class Registry:
         finally:
             os.close(fd)  # releases the lock
 
-    def add(self, model_dir: str | Path, manifest: dict, *, expect_current: str | None | type = ...) -> str:
+    def add(self, model_dir: str | Path, manifest: dict, *, expect_current: str | None | EllipsisType = ...) -> str:
         """Copy `model_dir` in as the next version and make it current, atomically.
         With `expect_current`, fail (StaleCurrent, nothing changed) unless `current` still
         names that version (None: the registry must be empty)."""
