@@ -76,6 +76,56 @@ def _parser() -> argparse.ArgumentParser:
     sweep.add_argument("--resume", action="store_true", help="continue an interrupted sweep of this run_name")
     sweep.set_defaults(run=_run_tune)
 
+    evaluate = commands.add_parser(
+        "eval",
+        help="validation loss/perplexity/token accuracy and multiple-choice accuracy of a model",
+        description="Score MODEL (a Hugging Face directory or a training checkpoint) with Ray Data batch "
+        "inference: val_loss, val_ppl and val_token_acc on the validation split, mcq_acc overall, per split "
+        "and per source on the eval items. With --base, both models on the same items, with a paired-"
+        "bootstrap confidence interval for each accuracy difference. Writes eval.json and eval.md.",
+    )
+    evaluate.add_argument("--model", required=True, metavar="DIR", help="the model to evaluate")
+    evaluate.add_argument("--base", metavar="DIR", help="a reference model to compare with (e.g. the base model)")
+    evaluate.add_argument("--data", metavar="PATH", help="score the validation metrics on all of PATH "
+                          "(default: the config's validation split)")
+    evaluate.add_argument("--items", metavar="PATH", help="multiple-choice items (default: eval.mcq_path)")
+    evaluate.add_argument("--max-items", type=int, metavar="N", help="a seeded sample of N items")
+    evaluate.add_argument("--no-validation", action="store_true", help="multiple-choice accuracy only")
+    evaluate.add_argument("--out", type=Path, metavar="DIR",
+                          help="where eval.json/eval.md go (default: <storage_path>/runs/<run_name>/eval)")
+    _add_config_args(evaluate)
+    evaluate.set_defaults(run=_run_eval)
+
+    promote = commands.add_parser(
+        "promote",
+        help="evaluate candidates against the registry's current version; promote the best if it passes the gate",
+        description="Evaluate each candidate (model directory, checkpoint, or a run directory holding "
+        "checkpoint_* directories) and the registry's current version (the base model, registered as v1 on "
+        "first use) on the same data. The best candidate on eval.gate_metric is promoted only if it beats the "
+        "current version and does not regress significantly on the held-out split.",
+    )
+    promote.add_argument("--candidate", nargs="+", required=True, metavar="DIR", help="candidate models")
+    promote.add_argument("--source", help="the run or trial the candidates come from (recorded in the manifest)")
+    promote.add_argument("--out", type=Path, metavar="DIR",
+                         help="where eval.json/eval.md go (default: <storage_path>/runs/<run_name>/promote)")
+    _add_config_args(promote)
+    promote.set_defaults(run=_run_promote)
+
+    registry = commands.add_parser("registry", help="list, show or roll back promoted models")
+    registry_commands = registry.add_subparsers(dest="registry_command", required=True, metavar="ACTION")
+    listing = registry_commands.add_parser("list", help="every version, its gate metrics and which is current")
+    _add_config_args(listing)
+    listing.set_defaults(run=_run_registry_list)
+    show = registry_commands.add_parser("show", help="a version's manifest (default: current)")
+    show.add_argument("version", nargs="?")
+    _add_config_args(show)
+    show.set_defaults(run=_run_registry_show)
+    rollback = registry_commands.add_parser(
+        "rollback", help="point current at VERSION (default: the one before current); the next deploy serves it")
+    rollback.add_argument("version", nargs="?")
+    _add_config_args(rollback)
+    rollback.set_defaults(run=_run_registry_rollback)
+
     config = commands.add_parser(
         "config",
         help="validate a config and print it resolved",
@@ -176,6 +226,97 @@ def _run_tune(args: argparse.Namespace) -> int:
     print(f"results: {result.directory / 'results.csv'}, learning curves: {result.directory / 'curves.png'}")
     print(f"best trial {result.best.trial}: {config.tune.metric} {result.best.best:.4f} at step "
           f"{result.best.best_step}, checkpoint {result.best.best_checkpoint}")
+    return 0
+
+
+def _ray_init() -> None:
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(include_dashboard=False, configure_logging=False, log_to_driver=False)
+
+
+def _run_eval(args: argparse.Namespace) -> int:
+    from raymed.config import load_config
+    from raymed.eval import evaluate, render_table, resolve_model_dir
+
+    overrides = list(args.overrides)
+    if args.data:
+        overrides += [f"data.train_path={args.data}", f"data.validation_path={args.data}"]
+    if args.items:
+        overrides.append(f"eval.mcq_path={args.items}")
+    if args.max_items is not None:
+        overrides.append(f"eval.max_items={args.max_items}")
+    config = load_config(args.config, overrides)
+    for model in filter(None, (args.model, args.base)):
+        resolve_model_dir(model)  # a bad directory fails before Ray starts
+    _ray_init()
+    report, path = evaluate(config, args.model, base=args.base, out_dir=args.out, validation=not args.no_validation)
+    print(render_table(report))
+    print(f"\nwrote {path} and {path.with_name('eval.md')}")
+    return 0
+
+
+def _run_promote(args: argparse.Namespace) -> int:
+    from raymed.config import load_config
+    from raymed.eval import find_checkpoints
+    from raymed.promote import describe, promote_best
+
+    config = load_config(args.config, args.overrides)
+    for candidate in args.candidate:
+        find_checkpoints(candidate)  # a bad directory fails before Ray starts
+    _ray_init()
+    result = promote_best(args.candidate, config, source=args.source, out_dir=args.out)
+    print(describe(result))
+    print(f"current: {result.current}; report: {result.report_path}")
+    return 0
+
+
+def _registry(args: argparse.Namespace):
+    from raymed.config import load_config
+    from raymed.registry import Registry
+
+    return Registry.for_config(load_config(args.config, args.overrides))
+
+
+def _run_registry_list(args: argparse.Namespace) -> int:
+    registry = _registry(args)
+    versions = registry.versions()
+    if not versions:
+        print(f"registry {registry.root} is empty (the base model is registered as v1 on first use)")
+        return 0
+    current = registry.current()
+    print(f"{'':2}{'version':8} {'created':21} {'val_loss':>9} {'mcq_acc':>8}  source")
+    for version in versions:
+        manifest = registry.manifest(version)
+        metrics, source = manifest.get("metrics") or {}, manifest.get("source") or {}
+        origin = source.get("checkpoint") or source.get("base_model") or ""
+        if source.get("trial"):
+            origin = f"{source['trial']}: {origin}"
+        print(f"{'*' if version == current else '':2}{version:8} {manifest.get('created', ''):21} "
+              f"{_metric(metrics, 'val_loss'):>9} {_metric(metrics, 'mcq_acc'):>8}  {origin}")
+    print(f"\n* current ({registry.root / 'current'})")
+    return 0
+
+
+def _metric(metrics: dict, name: str) -> str:
+    return f"{metrics[name]:.4f}" if name in metrics else "-"
+
+
+def _run_registry_show(args: argparse.Namespace) -> int:
+    import json
+
+    registry = _registry(args)
+    version = args.version or registry.current()
+    if version is None:
+        raise RaymedError(f"registry {registry.root} is empty")
+    print(json.dumps({"path": str(registry.path(version)), **registry.manifest(version)}, indent=1))
+    return 0
+
+
+def _run_registry_rollback(args: argparse.Namespace) -> int:
+    old, new = _registry(args).rollback(args.version)
+    print(f"current: {old} → {new} (the next deploy serves {new})")
     return 0
 
 

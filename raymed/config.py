@@ -200,6 +200,45 @@ def _check_field_path(path: str) -> None:
         elif is_section:
             raise ValueError(f"{path}: name a field inside the {part} section")
 
+class EvalConfig(_Section):
+    """Evaluation (Ray Data batch inference) and the promotion gate."""
+
+    mcq_path: str = "medical-mcq-v1"
+    """Multiple-choice items: an eval set in RAYMED_CACHE/eval, or a jsonl file."""
+    max_items: int | None = Field(None, ge=1)
+    """Score a seeded sample of this many items (all when unset)."""
+    length_norm: bool = True
+    """Score options by log-likelihood per character (else the plain sum)."""
+    actors: int = Field(1, ge=1)
+    """Size of the Ray Data actor pool that runs the model (one model per actor)."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """`auto`: one GPU per actor when the cluster has GPUs, else CPU."""
+    cpus_per_actor: float = Field(1, gt=0)
+    items_per_batch: int = Field(8, ge=1)
+    """Multiple-choice items per inference batch (each item is one padded forward)."""
+    blocks_per_batch: int = Field(8, ge=1)
+    """Validation blocks per inference batch."""
+    gate_metric: Literal["val_loss", "mcq_acc"] = "val_loss"
+    """What a candidate must beat the current registry version on to be promoted."""
+    min_improvement: float = Field(0.0, ge=0)
+    """How much better than the current version the gate metric must be (0: any gain)."""
+    heldout_split: str = "heldout"
+    """The multiple-choice split a candidate must not regress on significantly."""
+    heldout_tolerance: float = Field(0.0, ge=0, lt=1)
+    """A held-out accuracy drop counts when the CI's upper end is below -tolerance."""
+    confidence: float = Field(0.95, gt=0.5, lt=1)
+    """Level of the paired-bootstrap confidence interval for accuracy differences."""
+    bootstrap_samples: int = Field(2000, ge=100)
+
+
+class RegistryConfig(_Section):
+    """Promoted models under <storage_path>/registry/<name>/."""
+
+    name: str = Field("medical-assistant", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    """The registry entry (and the model name served)."""
+    lock_timeout_s: float = Field(600, ge=0)
+    """How long a promotion waits for another one to finish before failing."""
+
 
 class Config(_Section):
     """Everything a raymed run needs."""
@@ -212,6 +251,8 @@ class Config(_Section):
     data: DataConfig = Field(default_factory=DataConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     tune: TuneConfig = Field(default_factory=TuneConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    registry: RegistryConfig = Field(default_factory=RegistryConfig)
     trial_name: str | None = None
     """Set by `raymed tune` for each trial (its Ray Train run lives under the sweep); leave unset."""
 

@@ -21,7 +21,7 @@ def option_logprobs(model, tokenizer, question: str, options: list[str]) -> list
     input_ids = torch.tensor([r + [0] * (width - len(r)) for r in rows])
     attention = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
     with torch.no_grad():
-        logits = model(input_ids=input_ids, attention_mask=attention).logits.float()
+        logits = model(input_ids=input_ids.to(model.device), attention_mask=attention.to(model.device)).logits.float().cpu()
     logprobs = torch.log_softmax(logits[:, :-1], dim=-1)
     start = len(prompt_ids) - 1  # the logit at position t predicts token t + 1
     return [

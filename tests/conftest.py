@@ -31,3 +31,39 @@ def ray_cluster():
              runtime_env={"env_vars": {"PYTHONPATH": python_path}})
     yield
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer(default_assets):
+    """The default model's tokenizer (and chat template), loaded once."""
+    from transformers import AutoTokenizer
+
+    from raymed.assets import resolve_pretrained
+
+    return AutoTokenizer.from_pretrained(resolve_pretrained("smollm2-135m-instruct"))
+
+
+@pytest.fixture(scope="session")
+def tiny_model(smollm2_tokenizer):
+    """A factory: `tiny_model(seed)` is a fresh tiny Llama (random weights, the default
+    tokenizer's vocabulary); `tiny_model.save(model, directory)` writes it as a Hugging
+    Face directory (safetensors + tokenizer), as a training checkpoint would."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    def build(seed: int = 0):
+        torch.manual_seed(seed)
+        config = AutoConfig.for_model(
+            "llama", vocab_size=-(-len(smollm2_tokenizer) // 64) * 64, hidden_size=32, intermediate_size=64,
+            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+            architectures=["LlamaForCausalLM"])
+        return AutoModelForCausalLM.from_config(config).eval()
+
+    def save(model, directory: Path) -> Path:
+        model.save_pretrained(directory)
+        smollm2_tokenizer.save_pretrained(directory)
+        return directory
+
+    build.save = save
+    build.tokenizer = smollm2_tokenizer
+    return build
