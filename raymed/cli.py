@@ -74,6 +74,8 @@ def _parser() -> argparse.ArgumentParser:
     sweep.add_argument("--space", type=Path, metavar="YAML",
                        help="a sweep file: tune fields (space, metric, num_samples, ...), e.g. tune/spaces/lr-warmup.yaml")
     sweep.add_argument("--resume", action="store_true", help="continue an interrupted sweep of this run_name")
+    sweep.add_argument("--no-promote", action="store_true",
+                       help="stop after the sweep (default: hand the best checkpoint to the promotion gate)")
     sweep.set_defaults(run=_run_tune)
 
     evaluate = commands.add_parser(
@@ -175,15 +177,12 @@ def _print_summary(summary: dict, indent: str = "    ") -> None:
 
 
 def _run_data_inspect(args: argparse.Namespace) -> int:
-    import ray
-
     from raymed.config import load_config
     from raymed.data.inspect import plot, report
     from raymed.data.pipeline import build_datasets
 
     config = load_config(args.config, [*args.overrides, f"data.train_path={args.path}"])
-    if not ray.is_initialized():
-        ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
+    _ray_init()
     _, stats = build_datasets(config)
     print(report(args.path, stats))
     if args.plot:
@@ -193,15 +192,12 @@ def _run_data_inspect(args: argparse.Namespace) -> int:
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    import ray
-
     from raymed.config import load_config
     from raymed.data.pipeline import build_datasets
     from raymed.train import fit
 
     config = load_config(args.config, args.overrides)
-    if not ray.is_initialized():
-        ray.init(include_dashboard=False, configure_logging=False)
+    _ray_init(log_to_driver=True)
     datasets, _ = build_datasets(config)
     result = fit(config, datasets)
     print(f"final metrics: {result.metrics}")
@@ -210,30 +206,37 @@ def _run_train(args: argparse.Namespace) -> int:
 
 
 def _run_tune(args: argparse.Namespace) -> int:
-    import ray
-
     from raymed.config import load_config, read_yaml
     from raymed.data.pipeline import build_datasets
     from raymed.sweep import format_table, run_sweep
 
     sections = {"tune": read_yaml(args.space)} if args.space else None
     config = load_config(args.config, args.overrides, sections)
-    if not ray.is_initialized():
-        ray.init(include_dashboard=False, configure_logging=False)
+    _ray_init(log_to_driver=True)
     datasets, _ = build_datasets(config)
     result = run_sweep(config, datasets, resume=args.resume)
     print(format_table(config, result))
     print(f"results: {result.directory / 'results.csv'}, learning curves: {result.directory / 'curves.png'}")
     print(f"best trial {result.best.trial}: {config.tune.metric} {result.best.best:.4f} at step "
           f"{result.best.best_step}, checkpoint {result.best.best_checkpoint}")
+    if not args.no_promote:
+        from raymed.promote import describe, promote_best
+
+        promotion = promote_best([result.best.best_checkpoint], config,
+                                 source=f"{config.run_name}/tune/{result.best.trial}",
+                                 out_dir=result.directory / "promote")
+        print(describe(promotion))
+        print(f"current: {promotion.current}; report: {promotion.report_path}")
     return 0
 
 
-def _ray_init() -> None:
+def _ray_init(log_to_driver: bool = False) -> None:
+    """Join RAY_ADDRESS's cluster, or start a local one; workers' output is forwarded
+    only where it is the progress the user watches (training)."""
     import ray
 
     if not ray.is_initialized():
-        ray.init(include_dashboard=False, configure_logging=False, log_to_driver=False)
+        ray.init(include_dashboard=False, configure_logging=False, log_to_driver=log_to_driver)
 
 
 def _run_eval(args: argparse.Namespace) -> int:

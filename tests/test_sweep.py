@@ -113,3 +113,22 @@ def test_a_sweep_whose_every_trial_fails_names_the_errors(ray_cluster, default_a
 def test_resume_without_a_sweep_is_refused(ray_cluster, tmp_path):
     with pytest.raises(RaymedError, match="no sweep to resume"):
         run_sweep(_sweep_config(tmp_path), datasets={}, resume=True)
+
+
+@pytest.mark.slow
+def test_raymed_tune_hands_the_best_checkpoint_to_the_promotion_gate(ray_cluster, default_assets, tmp_path, capsys):
+    from raymed.cli import main
+    from raymed.registry import Registry
+
+    config = _sweep_config(tmp_path, "train.max_steps=2", "tune.space={train.lr: {grid: [3.0e-3]}}",
+                           "eval.max_items=8")
+    overrides = [f"data.train_path={config.data.train_path}", "data.block_size=64", "data.val_fraction=0.1",
+                 f"storage_path={tmp_path}", "run_name=sweep", "train.num_workers=1", "train.max_steps=2",
+                 "train.eval_every=2", "train.warmup_steps=0", "tune.num_samples=1",
+                 "tune.space={train.lr: {grid: [3.0e-3]}}", "eval.max_items=8"]
+    assert main(["tune", "--config", "ci-tiny", *(a for o in overrides for a in ("--set", o))]) == 0
+    printed = capsys.readouterr().out
+    assert "best trial" in printed and "current: v1" in printed
+    registry = Registry.for_config(config)
+    manifest = registry.manifest(registry.current())
+    assert "sweep/tune/" in json.dumps(manifest["source"])
