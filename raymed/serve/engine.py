@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-logger = logging.getLogger("raymed.serve")
+logger = logging.getLogger("ray.serve")
 
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
