@@ -204,7 +204,6 @@ class Gateway:
         except Exception:
             logger.exception("request %s failed", request_id)
             response = errors.server_error(request_id).response()
-        response.headers["x-request-id"] = request_id
         if route != "metrics":
             self.metrics.requests.labels(route, str(response.status_code)).inc()
         if response.status_code >= 400:
@@ -328,7 +327,7 @@ class Gateway:
         self.metrics.ttft.labels(route).observe(time.perf_counter() - started)
         chunks = self._sse_chunks(route, request_id, body, job, first, events, deadline, started)
         return StreamingResponse(chunks, media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "x-request-id": request_id})
+                                 headers={"Cache-Control": "no-cache"})
 
     async def _sse_chunks(self, route, request_id, body, job, first, events, deadline, started):
         shape = _ChunkShape(route, request_id, body.model)

@@ -164,24 +164,20 @@ class BatchingEngine:
         for the running batch. Returns the events to deliver."""
         started = time.perf_counter()
         self._drop_rows(lambda seq: seq.cancelled)
-        if newcomers:
-            logits = self._prefill(newcomers)
-            rows = newcomers
-        elif self._running:
-            logits = self._decode()
-            rows = self._running
-            self.stats.observe_batch(len(rows))
-        else:
-            return []
         outputs = []
-        for seq, token in zip(rows, self._sample(logits, rows)):
-            event = self._advance(seq, token)
-            if event is not None:
-                outputs.append((seq, event))
+        if newcomers:
+            outputs = self._advance_all(newcomers, self._prefill(newcomers))
+        elif self._running:
+            self.stats.observe_batch(len(self._running))
+            outputs = self._advance_all(self._running, self._decode())
         self._drop_rows(lambda seq: seq.finish_reason is not None)
         self.stats.running = len(self._running)
         self.stats.step_seconds += time.perf_counter() - started
         return outputs
+
+    def _advance_all(self, rows: list[_Sequence], logits: torch.Tensor) -> list[tuple[_Sequence, TokenEvent]]:
+        events = ((seq, self._advance(seq, token)) for seq, token in zip(rows, self._sample(logits, rows)))
+        return [(seq, event) for seq, event in events if event is not None]
 
     def _prefill(self, newcomers: list[_Sequence]) -> torch.Tensor:
         """Run the newcomers' prompts as one left-padded batch and merge their cache rows
