@@ -301,3 +301,21 @@ def test_metrics_count_requests_tokens_and_latency(url):
     assert "raymed_time_to_first_token_seconds_bucket" in text
     assert metric(url, "raymed_completion_tokens_total") >= 4
     assert metric(url, "raymed_replica_generated_tokens_total") >= 4
+
+
+@pytest.mark.slow
+def test_the_load_benchmark_measures_the_endpoint(url):
+    import argparse
+    import asyncio
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "bench" / "serve_load.py"
+    spec = importlib.util.spec_from_file_location("serve_load", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    args = argparse.Namespace(url=url, api_key=None, max_tokens=4, warmup=1)
+    level = asyncio.run(bench.run_level(args, MODEL, bench.load_prompts(4), concurrency=2))
+    assert (level["ok"], level["errors"]) == (4, {})
+    assert level["generated_tokens"] == 16 and level["generated_tokens_per_s"] > 0
+    assert 0 < level["ttft_s"]["p50"] <= level["e2e_s"]["p50"]
