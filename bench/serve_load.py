@@ -35,11 +35,12 @@ def main() -> None:
         report["levels"].append(result)
         print(json.dumps(result), flush=True)
     if args.baseline_model:
-        report["baseline"] = baseline(args.baseline_model, prompts, args.max_tokens)
+        report["baseline"] = baseline(args.baseline_model, prompts, args.max_tokens, args.baseline_threads)
         print(json.dumps({"baseline": report["baseline"]}), flush=True)
         base = report["baseline"]["generated_tokens_per_s"]
         report["speedup_vs_baseline"] = {str(level["concurrency"]): round(level["generated_tokens_per_s"] / base, 2)
                                          for level in report["levels"]}
+    report["load_avg_at_end"] = [round(x, 2) for x in os.getloadavg()]
     print(json.dumps(report, indent=2))
 
 
@@ -54,6 +55,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--warmup", type=int, default=2, help="requests sent before each level, not counted")
     parser.add_argument("--baseline-model", help="also time plain `generate`, one request at a time, on this "
                         "model (a cached name or directory): the baseline the ratio is against")
+    parser.add_argument("--baseline-threads", type=int, help="torch threads for the baseline (match the "
+                        "replica's serve.num_cpus for a like-for-like ratio; default: torch's)")
     return parser
 
 
@@ -144,11 +147,13 @@ def percentiles(values: list[float]) -> dict:
     return {"p50": round(statistics.median(ordered), 3), "p99": round(p99, 3)}
 
 
-def baseline(model_name: str, prompts: list[str], max_tokens: int) -> dict:
+def baseline(model_name: str, prompts: list[str], max_tokens: int, threads: int | None = None) -> dict:
     """Plain transformers `generate`, greedy, one request at a time, same prompts."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if threads:
+        torch.set_num_threads(threads)
     from raymed.assets import resolve_pretrained
 
     path = resolve_pretrained(model_name)

@@ -159,6 +159,7 @@ def _run_train(args: argparse.Namespace) -> int:
 
 
 def _run_serve(args: argparse.Namespace) -> int:
+    import signal
     import time
 
     import ray
@@ -176,11 +177,16 @@ def _run_serve(args: argparse.Namespace) -> int:
     shown_host = "127.0.0.1" if config.serve.host in ("0.0.0.0", "::") else config.serve.host
     print(f"raymed: serving at http://{shown_host}:{config.serve.port}/v1 "
           f"(auth {'on' if api_key(config) else 'off'}); Ctrl-C stops", flush=True)
+    signal.signal(signal.SIGTERM, _interrupt)  # stop as on Ctrl-C (also when started in the background)
     try:
         while True:
             time.sleep(3600)
     finally:
         serve.shutdown()
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 def _run_config(args: argparse.Namespace) -> int:
