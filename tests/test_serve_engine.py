@@ -11,6 +11,8 @@ from serve_support import TINY_ARCHITECTURE
 
 from raymed.serve.engine import BatchingEngine, SamplingParams
 
+pytestmark = pytest.mark.slow  # 15-35 s on 2 cores: model forwards plus plain `generate` references
+
 
 @pytest.fixture(scope="module")
 def model_and_tokenizer(default_assets):
