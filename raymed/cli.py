@@ -128,6 +128,16 @@ def _parser() -> argparse.ArgumentParser:
     _add_config_args(rollback)
     rollback.set_defaults(run=_run_registry_rollback)
 
+    serve_cmd = commands.add_parser(
+        "serve",
+        help="serve the model over an OpenAI-compatible HTTP API (Ray Serve) until Ctrl-C",
+        description="Deploy the Serve app (autoscaled model replicas behind a FastAPI ingress) on a "
+        "local Ray (or RAY_ADDRESS), print its URL, and run until Ctrl-C. Settings: the serve section "
+        "(serve.model, serve.port, serve.max_replicas, ...); RAYMED_API_KEY turns auth on.",
+    )
+    _add_config_args(serve_cmd)
+    serve_cmd.set_defaults(run=_run_serve)
+
     config = commands.add_parser(
         "config",
         help="validate a config and print it resolved",
@@ -321,6 +331,37 @@ def _run_registry_rollback(args: argparse.Namespace) -> int:
     old, new = _registry(args).rollback(args.version)
     print(f"current: {old} → {new} (the next deploy serves {new})")
     return 0
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    import signal
+    import time
+
+    import ray
+    from ray import serve
+
+    from raymed.config import load_config
+    from raymed.serve.app import api_key, build_application
+
+    config = load_config(args.config, args.overrides)
+    application = build_application(config)  # checks the model directory before Ray starts
+    if not ray.is_initialized():
+        ray.init(include_dashboard=False, configure_logging=False)
+    serve.start(http_options={"host": config.serve.host, "port": config.serve.port})
+    serve.run(application, name="raymed", route_prefix="/")
+    shown_host = "127.0.0.1" if config.serve.host in ("0.0.0.0", "::") else config.serve.host
+    print(f"raymed: serving at http://{shown_host}:{config.serve.port}/v1 "
+          f"(auth {'on' if api_key(config) else 'off'}); Ctrl-C stops", flush=True)
+    signal.signal(signal.SIGTERM, _interrupt)  # stop as on Ctrl-C (also when started in the background)
+    try:
+        while True:
+            time.sleep(3600)
+    finally:
+        serve.shutdown()
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 def _run_config(args: argparse.Namespace) -> int:

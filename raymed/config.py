@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
 from raymed.errors import RaymedError
 
@@ -108,7 +108,6 @@ class TrainConfig(_Section):
         if (self.bf16 or self.compile) and not self.use_gpu:
             raise ValueError("bf16 and compile need use_gpu: true")
         return self
-
 
     @property
     def effective_warmup_steps(self) -> int:
@@ -240,6 +239,50 @@ class RegistryConfig(_Section):
     """How long a promotion waits for another one to finish before failing."""
 
 
+class ServeConfig(_Section):
+    """Ray Serve: the OpenAI-compatible HTTP API in front of autoscaled model replicas."""
+
+    host: str = "127.0.0.1"
+    """Where Serve's HTTP proxy listens (0.0.0.0 to accept other machines)."""
+    port: int = Field(8000, ge=1, le=65535)
+    model: str = "smollm2-135m-instruct"
+    """A model in RAYMED_CACHE/models or a local Hugging Face model directory."""
+    model_name: str | None = None
+    """The name clients put in `model` (and `/v1/models` lists); default: the directory's name."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Weights' dtype on the replicas; `auto`: bfloat16 on a GPU, float32 on CPU."""
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(1, ge=1)
+    target_ongoing_requests: float = Field(8, gt=0)
+    """The autoscaler adds replicas when each has more than this many requests in flight."""
+    max_ongoing_requests: int = Field(16, ge=1)
+    """Requests one replica takes at once (running plus waiting to join its batch)."""
+    max_queued_requests: int = Field(64, ge=-1)
+    """Requests waiting for a replica beyond that; more are refused (`-1`: no limit)."""
+    overload_status: Literal[503, 429] = 503
+    """The HTTP status of a refused request (it carries `Retry-After`)."""
+    retry_after_s: int = Field(1, ge=0)
+    max_batch_size: int = Field(16, ge=1)
+    """Sequences decoded together on one replica; newcomers join between decode steps."""
+    default_max_tokens: int = Field(256, ge=1)
+    """`max_tokens` when a request gives none (capped by the model's context)."""
+    request_timeout_s: float = Field(120, gt=0)
+    max_body_bytes: int = Field(1_000_000, ge=1024)
+    num_cpus: float = Field(1, gt=0)
+    """CPUs per model replica (also its torch thread count)."""
+    num_gpus: float = Field(0, ge=0)
+    api_key: SecretStr | None = None
+    """When set (or RAYMED_API_KEY is), every API route needs `Authorization: Bearer <key>`."""
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ServeConfig:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas ({self.min_replicas}) must be <= max_replicas ({self.max_replicas})")
+        if self.max_queued_requests == 0:
+            raise ValueError("max_queued_requests must be -1 (no limit) or at least 1")
+        return self
+
+
 class Config(_Section):
     """Everything a raymed run needs."""
 
@@ -253,6 +296,7 @@ class Config(_Section):
     tune: TuneConfig = Field(default_factory=TuneConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
+    serve: ServeConfig = Field(default_factory=ServeConfig)
     trial_name: str | None = None
     """Set by `raymed tune` for each trial (its Ray Train run lives under the sweep); leave unset."""
 
@@ -341,4 +385,5 @@ def _describe(err: ValidationError) -> str:
 
 
 def dump_yaml(config: Config) -> str:
-    return yaml.safe_dump(config.model_dump(), sort_keys=False)
+    """The config as YAML; secrets (serve.api_key) print masked."""
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

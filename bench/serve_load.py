@@ -1,0 +1,197 @@
+"""Load on the Serve endpoint: requests/s, generated tokens/s, TTFT and end-to-end latency
+at each concurrency level, against plain one-request-at-a-time `generate` on the same
+prompts, in the same run. Prints JSON.
+
+    raymed serve --set serve.num_cpus=2 &           # or serve run serve/config.yaml
+    python bench/serve_load.py --concurrency 1 4 16 --requests 32 --max-tokens 32 \\
+        --baseline-model smollm2-135m-instruct
+
+Chat requests (streamed, greedy) use the user turns of the default corpus's validation
+split. Works the same against a GPU deployment (the baseline then runs on the GPU too).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import aiohttp
+
+
+def main() -> None:
+    args = _parser().parse_args()
+    prompts = load_prompts(args.requests)
+    model = args.model or asyncio.run(served_model_name(args.url, args.api_key))
+    report = {"url": args.url, "model": model, "max_tokens": args.max_tokens, "requests_per_level": args.requests,
+              "machine": machine(), "levels": []}
+    for concurrency in args.concurrency:
+        result = asyncio.run(run_level(args, model, prompts, concurrency))
+        report["levels"].append(result)
+        print(json.dumps(result), flush=True)
+    if args.baseline_model:
+        report["baseline"] = baseline(args.baseline_model, prompts, args.max_tokens, args.baseline_threads)
+        print(json.dumps({"baseline": report["baseline"]}), flush=True)
+        base = report["baseline"]["generated_tokens_per_s"]
+        report["speedup_vs_baseline"] = {str(level["concurrency"]): round(level["generated_tokens_per_s"] / base, 2)
+                                         for level in report["levels"]}
+    report["load_avg_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    print(json.dumps(report, indent=2))
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--url", default="http://127.0.0.1:8000")
+    parser.add_argument("--model", help="the served model's name (default: the first of /v1/models)")
+    parser.add_argument("--api-key", default=os.environ.get("RAYMED_API_KEY"))
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
+    parser.add_argument("--requests", type=int, default=32, help="requests per concurrency level")
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--warmup", type=int, default=2, help="requests sent before each level, not counted")
+    parser.add_argument("--baseline-model", help="also time plain `generate`, one request at a time, on this "
+                        "model (a cached name or directory): the baseline the ratio is against")
+    parser.add_argument("--baseline-threads", type=int, help="torch threads for the baseline (match the "
+                        "replica's serve.num_cpus for a like-for-like ratio; default: torch's)")
+    return parser
+
+
+def load_prompts(count: int) -> list[str]:
+    """User turns from the default corpus's validation split (as many as `count`, cycled)."""
+    from raymed.assets import asset_path
+
+    path = asset_path("corpus/medical-v1") / "validation.jsonl"
+    turns = []
+    with path.open() as lines:
+        for line in lines:
+            turns.extend(m["content"] for m in json.loads(line)["messages"] if m["role"] == "user")
+            if len(turns) >= count:
+                break
+    return [turns[i % len(turns)] for i in range(count)]
+
+
+async def served_model_name(url: str, api_key: str | None) -> str:
+    async with aiohttp.ClientSession(headers=_headers(api_key)) as session:
+        async with session.get(f"{url}/v1/models") as response:
+            return (await response.json())["data"][0]["id"]
+
+
+def _headers(api_key: str | None) -> dict:
+    return {"Authorization": f"Bearer {api_key}"} if api_key else {}
+
+
+async def run_level(args, model: str, prompts: list[str], concurrency: int) -> dict:
+    """Send every prompt with at most `concurrency` in flight; measure each request."""
+    limit = asyncio.Semaphore(concurrency)
+    timeout = aiohttp.ClientTimeout(total=600)
+    async with aiohttp.ClientSession(headers=_headers(args.api_key), timeout=timeout) as session:
+        await asyncio.gather(*(one_request(session, args, model, p) for p in prompts[: args.warmup]))
+
+        async def limited(prompt):
+            async with limit:
+                return await one_request(session, args, model, prompt)
+
+        started = time.perf_counter()
+        results = await asyncio.gather(*(limited(p) for p in prompts))
+        wall = time.perf_counter() - started
+    ok = [r for r in results if r["error"] is None]
+    tokens = sum(r["completion_tokens"] for r in ok)
+    errors: dict[str, int] = {}
+    for r in results:
+        if r["error"] is not None:
+            errors[r["error"]] = errors.get(r["error"], 0) + 1
+    return {
+        "concurrency": concurrency, "requests": len(results), "ok": len(ok), "errors": errors,
+        "wall_s": round(wall, 2), "requests_per_s": round(len(ok) / wall, 3),
+        "generated_tokens": tokens, "generated_tokens_per_s": round(tokens / wall, 2),
+        "ttft_s": percentiles([r["ttft_s"] for r in ok]), "e2e_s": percentiles([r["e2e_s"] for r in ok]),
+    }
+
+
+async def one_request(session: aiohttp.ClientSession, args, model: str, prompt: str) -> dict:
+    body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": args.max_tokens,
+            "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
+    started = time.perf_counter()
+    ttft, completion_tokens = None, 0
+    try:
+        async with session.post(f"{args.url}/v1/chat/completions", json=body) as response:
+            if response.status != 200:
+                return {"error": f"HTTP {response.status}"}
+            async for raw in response.content:
+                line = raw.decode().strip()
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line.removeprefix("data: "))
+                if "error" in chunk:
+                    return {"error": chunk["error"].get("code") or "stream error"}
+                if ttft is None and chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+                    ttft = time.perf_counter() - started
+                if chunk.get("usage"):
+                    completion_tokens = chunk["usage"]["completion_tokens"]
+    except aiohttp.ClientError as err:
+        return {"error": type(err).__name__}
+    e2e = time.perf_counter() - started
+    return {"error": None, "ttft_s": ttft if ttft is not None else e2e, "e2e_s": e2e,
+            "completion_tokens": completion_tokens}
+
+
+def percentiles(values: list[float]) -> dict:
+    if not values:
+        return {"p50": None, "p99": None}
+    ordered = sorted(values)
+    p99 = ordered[min(len(ordered) - 1, round(0.99 * (len(ordered) - 1)))]
+    return {"p50": round(statistics.median(ordered), 3), "p99": round(p99, 3)}
+
+
+def baseline(model_name: str, prompts: list[str], max_tokens: int, threads: int | None = None) -> dict:
+    """Plain transformers `generate`, greedy, one request at a time, same prompts."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if threads:
+        torch.set_num_threads(threads)
+    from raymed.assets import resolve_pretrained
+
+    path = resolve_pretrained(model_name)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    latencies, tokens = [], 0
+    started = time.perf_counter()
+    for prompt in prompts:
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                            return_tensors="pt", return_dict=True)["input_ids"].to(device)
+        begun = time.perf_counter()
+        with torch.inference_mode():
+            out = model.generate(ids, max_new_tokens=max_tokens, do_sample=False,
+                                 pad_token_id=tokenizer.eos_token_id)
+        latencies.append(time.perf_counter() - begun)
+        tokens += out.shape[1] - ids.shape[1]
+    wall = time.perf_counter() - started
+    return {"requests": len(prompts), "wall_s": round(wall, 2), "requests_per_s": round(len(prompts) / wall, 3),
+            "generated_tokens": tokens, "generated_tokens_per_s": round(tokens / wall, 2),
+            "e2e_s": percentiles(latencies), "device": device, "torch_threads": torch.get_num_threads()}
+
+
+def machine() -> dict:
+    return {"cpu_count": os.cpu_count(), "platform": platform.platform(), "processor": platform.machine(),
+            "load_avg_at_start": [round(x, 2) for x in os.getloadavg()],
+            "cpu_model": _cpu_model()}
+
+
+def _cpu_model() -> str | None:
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return None
+
+
+if __name__ == "__main__":
+    main()

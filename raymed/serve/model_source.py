@@ -1,0 +1,78 @@
+"""Which model a deployment serves, and loading it on a replica.
+
+`resolve_model_dir` is the one seam between serving and where models come from: today a
+cached model name or a Hugging Face directory; with the registry, its `current` version,
+resolved once at deploy time and pinned for every replica.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from raymed.assets import resolve_pretrained
+from raymed.config import ServeConfig
+from raymed.errors import RaymedError
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    """What a deployment pins at deploy time: the directory, the name clients use, the context."""
+
+    directory: str
+    name: str
+    context_length: int
+
+
+def resolve_model_dir(serve: ServeConfig) -> Path:
+    """The Hugging Face model directory `serve.model` names (a clear error if it is not one)."""
+    path = Path(resolve_pretrained(serve.model)).expanduser()
+    if not (path / "config.json").is_file():
+        raise RaymedError(
+            f"serve.model {serve.model!r} is not a Hugging Face model directory (no config.json at {path}): "
+            "give a cached model name (smollm2-135m-instruct) or a directory saved with save_pretrained"
+        )
+    return path.resolve()
+
+
+def served_model(serve: ServeConfig) -> ServedModel:
+    directory = resolve_model_dir(serve)
+    return ServedModel(str(directory), serve.model_name or directory.name, _context_length(directory))
+
+
+def _context_length(directory: Path) -> int:
+    config = json.loads((directory / "config.json").read_text())
+    config = config.get("text_config", config)
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        if isinstance(config.get(key), int):
+            return config[key]
+    raise RaymedError(f"{directory}/config.json names no context length (max_position_embeddings)")
+
+
+def load_for_inference(model_dir: str, serve: ServeConfig):
+    """Model (eval mode, on the replica's GPU if it has one) and tokenizer."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    on_gpu = serve.num_gpus > 0 and torch.cuda.is_available()
+    dtype = {"auto": torch.bfloat16 if on_gpu else torch.float32, "float32": torch.float32,
+             "bfloat16": torch.bfloat16, "float16": torch.float16}[serve.dtype]
+    try:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation="sdpa",
+                                                     use_safetensors=True)
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    except (OSError, ValueError) as err:
+        raise RaymedError(f"cannot load the model in {model_dir}: {err}") from None
+    return model.to("cuda" if on_gpu else "cpu").eval(), tokenizer
+
+
+def eos_token_ids(model, tokenizer) -> set[int]:
+    """Every token that ends a generation: the generation config's and the tokenizer's."""
+    ids = set()
+    configured = getattr(model.generation_config, "eos_token_id", None)
+    if configured is not None:
+        ids.update([configured] if isinstance(configured, int) else configured)
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return ids

@@ -1,0 +1,79 @@
+"""The serve config section, the shipped Serve YAML and model resolution (no Ray)."""
+
+from __future__ import annotations
+
+import importlib
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from raymed.cli import main
+from raymed.config import dump_yaml, load_config
+from raymed.errors import RaymedError
+
+SERVE_YAML = Path(__file__).resolve().parent.parent / "serve" / "config.yaml"
+
+
+def test_the_shipped_serve_yaml_builds_a_valid_config():
+    from raymed.serve.app import AppArgs
+
+    spec = yaml.safe_load(SERVE_YAML.read_text())
+    (app,) = spec["applications"]
+    module, _, attr = app["import_path"].partition(":")
+    assert callable(getattr(importlib.import_module(module), attr))
+    args = AppArgs.model_validate(app["args"])
+    config = load_config(args.config, args.set)
+    assert config.serve.max_replicas == 2
+    assert spec["http_options"]["port"] == config.serve.port
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("serve.min_replicas=3", "min_replicas (3) must be <= max_replicas (1)"),
+        ("serve.max_queued_requests=0", "max_queued_requests must be -1 (no limit) or at least 1"),
+        ("serve.overload_status=500", "serve.overload_status: Input should be 503 or 429 (got 500)"),
+        ("serve.replicas=2", "serve.replicas: unknown field (got 2)"),
+        ("serve.port=70000", "serve.port: Input should be less than or equal to 65535 (got 70000)"),
+        ("serve.max_batch_size=0", "serve.max_batch_size: Input should be greater than or equal to 1 (got 0)"),
+    ],
+)
+def test_bad_serve_values_name_the_field(override, expected):
+    with pytest.raises(RaymedError, match=None) as err:
+        load_config(None, [override])
+    assert expected in str(err.value)
+
+
+def test_the_api_key_prints_masked_and_the_environment_wins(monkeypatch):
+    from raymed.serve.app import api_key
+
+    config = load_config(None, ["serve.api_key=s3cret"])
+    assert "s3cret" not in dump_yaml(config)
+    monkeypatch.delenv("RAYMED_API_KEY", raising=False)
+    assert api_key(config) == "s3cret"
+    assert api_key(load_config(None)) is None
+    monkeypatch.setenv("RAYMED_API_KEY", "from-env")
+    assert api_key(config) == "from-env"
+
+
+def test_a_directory_without_a_model_is_refused_clearly(tmp_path, capsys):
+    from raymed.serve.model_source import served_model
+
+    with pytest.raises(RaymedError, match="not a Hugging Face model directory"):
+        served_model(load_config(None, [f"serve.model={tmp_path}"]).serve)
+    assert main(["serve", "--set", f"serve.model={tmp_path / 'missing'}"]) == 1
+    assert "not a Hugging Face model directory" in capsys.readouterr().err
+
+
+def test_a_model_directory_is_served_under_its_name_with_its_context(tmp_path):
+    from raymed.serve.model_source import served_model
+
+    model_dir = tmp_path / "my-model"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text(json.dumps({"model_type": "llama", "max_position_embeddings": 512}))
+    served = served_model(load_config(None, [f"serve.model={model_dir}"]).serve)
+    assert (served.name, served.context_length, served.directory) == ("my-model", 512, str(model_dir))
+    renamed = served_model(load_config(None, [f"serve.model={model_dir}", "serve.model_name=medic"]).serve)
+    assert renamed.name == "medic"
