@@ -1,7 +1,7 @@
 """How much compute ASHA saves: the same seeded sample of configurations swept twice, with
 ASHA early stopping and without (every trial to max_steps).
 
-    python bench/tune_asha.py [--config ci-tiny] [--samples 6] [--set k=v ...]
+    python bench/tune_asha.py [--config ci-tiny] [--samples 4] [--set k=v ...]
 
 Prints one JSON object: trial-steps run with ASHA over trial-steps without it, the wall
 time of each sweep, and whether both sweeps picked the same best configuration.
@@ -10,8 +10,10 @@ time of each sweep, and whether both sweeps picked the same best configuration.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import platform
+import sys
 import tempfile
 import time
 
@@ -39,16 +41,16 @@ def sweep(base: list[str], scheduler: str, storage: str, datasets: dict) -> dict
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="ci-tiny")
-    parser.add_argument("--samples", type=int, default=6)
+    parser.add_argument("--samples", type=int, default=4)
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     args = parser.parse_args()
-    base = [args.config, "run_name=asha-bench", "train.num_workers=1", "train.max_steps=16",
+    base = [args.config, "run_name=asha-bench", "train.num_workers=1", "train.max_steps=12",
             "train.eval_every=4", "data.deterministic=true", f"tune.num_samples={args.samples}",
             "tune.max_concurrent_trials=1", "tune.grace_period=4", "tune.reduction_factor=2",
             *args.overrides]
-    ray.init(include_dashboard=False, configure_logging=False)
+    ray.init(num_cpus=4, include_dashboard=False, configure_logging=False)  # as the tests do: Ray Data actors + a trial
     datasets, _ = build_datasets(load_config(base[0], base[1:]))
-    with tempfile.TemporaryDirectory() as storage:
+    with tempfile.TemporaryDirectory() as storage, contextlib.redirect_stdout(sys.stderr):  # Tune's tables
         asha = sweep(base, "asha", f"{storage}/asha", datasets)
         full = sweep(base, "none", f"{storage}/full", datasets)
     print(json.dumps({

@@ -245,8 +245,10 @@ class ServeConfig(_Section):
     host: str = "127.0.0.1"
     """Where Serve's HTTP proxy listens (0.0.0.0 to accept other machines)."""
     port: int = Field(8000, ge=1, le=65535)
-    model: str = "smollm2-135m-instruct"
-    """A model in RAYMED_CACHE/models or a local Hugging Face model directory."""
+    model: str = "current"
+    """`current`: the model registry's current version (pinned at deploy time; the base
+    model is registered as v1 on first use); or a model in RAYMED_CACHE/models, or a local
+    Hugging Face model directory."""
     model_name: str | None = None
     """The name clients put in `model` (and `/v1/models` lists); default: the directory's name."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"

@@ -62,7 +62,7 @@ def test_a_directory_without_a_model_is_refused_clearly(tmp_path, capsys):
     from raymed.serve.model_source import served_model
 
     with pytest.raises(RaymedError, match="not a Hugging Face model directory"):
-        served_model(load_config(None, [f"serve.model={tmp_path}"]).serve)
+        served_model(load_config(None, [f"serve.model={tmp_path}"]))
     assert main(["serve", "--set", f"serve.model={tmp_path / 'missing'}"]) == 1
     assert "not a Hugging Face model directory" in capsys.readouterr().err
 
@@ -73,7 +73,24 @@ def test_a_model_directory_is_served_under_its_name_with_its_context(tmp_path):
     model_dir = tmp_path / "my-model"
     model_dir.mkdir()
     (model_dir / "config.json").write_text(json.dumps({"model_type": "llama", "max_position_embeddings": 512}))
-    served = served_model(load_config(None, [f"serve.model={model_dir}"]).serve)
+    served = served_model(load_config(None, [f"serve.model={model_dir}"]))
     assert (served.name, served.context_length, served.directory) == ("my-model", 512, str(model_dir))
-    renamed = served_model(load_config(None, [f"serve.model={model_dir}", "serve.model_name=medic"]).serve)
+    renamed = served_model(load_config(None, [f"serve.model={model_dir}", "serve.model_name=medic"]))
     assert renamed.name == "medic"
+
+
+def test_the_registry_current_version_is_resolved_once_and_pinned(tmp_path, tiny_model):
+    from raymed.registry import Registry
+    from raymed.serve.model_source import served_model
+
+    base = tiny_model.save(tiny_model(0), tmp_path / "base")
+    config = load_config(None, [f"storage_path={tmp_path}", f"model.name={base}"])
+    served = served_model(config)  # the registry is empty: the base model becomes v1
+    registry = Registry.for_config(config)
+    assert (served.name, served.version) == ("medical-assistant", "v1") and registry.current() == "v1"
+    assert served.directory == str(registry.path("v1")) and served.context_length == 256
+
+    newer = tiny_model.save(tiny_model(1), tmp_path / "newer")
+    registry.add(newer, {"metrics": {}, "source": {"checkpoint": str(newer)}}, expect_current="v1")
+    assert served.directory == str(registry.path("v1"))  # what was deployed stays pinned
+    assert served_model(config).version == "v2"  # the next deploy serves the new version

@@ -17,6 +17,7 @@ import logging
 import os
 import time
 import uuid
+from pathlib import Path
 from collections.abc import AsyncIterator
 
 from fastapi import FastAPI, Request
@@ -31,7 +32,7 @@ from raymed.config import Config, load_config
 from raymed.serve import errors
 from raymed.serve.engine import BatchingEngine, SamplingParams
 from raymed.serve.metrics import IngressMetrics, MetricsStore
-from raymed.serve.model_source import ServedModel, eos_token_ids, load_for_inference, served_model
+from raymed.serve.model_source import ServedModel, context_length, eos_token_ids, load_for_inference, served_model
 from raymed.serve.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -75,7 +76,7 @@ class ModelServer:
         model, tokenizer = await asyncio.to_thread(load_for_inference, model_dir, serve_config)
         self.engine = BatchingEngine(
             model, tokenizer, max_batch_size=serve_config.max_batch_size,
-            context_length=served_model(serve_config).context_length,
+            context_length=context_length(Path(model_dir)),
             eos_token_ids=eos_token_ids(model, tokenizer), on_step=self._mark_changed,
         )
         self.replica = serve.get_replica_context().replica_id.unique_id
@@ -221,7 +222,7 @@ class Gateway:
 
     async def _models(self, request: Request, request_id: str) -> Response:
         card = {"id": self.model.name, "object": "model", "created": 0, "owned_by": "raymed",
-                "max_model_len": self.model.context_length}
+                "max_model_len": self.model.context_length, "version": self.model.version}
         return JSONResponse({"object": "list", "data": [card]})
 
     async def _prometheus(self, request: Request, request_id: str) -> Response:
@@ -383,7 +384,7 @@ def build_app(args: AppArgs) -> serve.Application:
 def build_application(config: Config, *, admission_gate=None) -> serve.Application:
     """The bound application for `config.serve`; `admission_gate` is the tests' hook."""
     settings = config.serve
-    model = served_model(settings)  # resolved once here: every replica serves the same directory
+    model = served_model(config)  # resolved once here: every replica serves the same directory
     config_data = config.model_dump()
     store = serve.deployment(MetricsStore, name="MetricsStore", num_replicas=1,
                              ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1000).bind()

@@ -1,8 +1,10 @@
 """Which model a deployment serves, and loading it on a replica.
 
-`resolve_model_dir` is the one seam between serving and where models come from: today a
-cached model name or a Hugging Face directory; with the registry, its `current` version,
-resolved once at deploy time and pinned for every replica.
+`served_model` is the one seam between serving and where models come from: the model
+registry's `current` version (`serve.model: current`, the default; the base model is
+registered as v1 on first use), a cached model name, or a Hugging Face directory. It is
+resolved once, at deploy time, and the directory is pinned for every replica (autoscaled
+ones too) until the next deploy.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from raymed.assets import resolve_pretrained
-from raymed.config import ServeConfig
+from raymed.config import Config, ServeConfig
 from raymed.errors import RaymedError
 
 
@@ -23,6 +25,10 @@ class ServedModel:
     directory: str
     name: str
     context_length: int
+    version: str | None = None
+    """The registry version pinned (None when serving a directory directly)."""
+
+REGISTRY_MODEL = "current"
 
 
 def resolve_model_dir(serve: ServeConfig) -> Path:
@@ -36,12 +42,20 @@ def resolve_model_dir(serve: ServeConfig) -> Path:
     return path.resolve()
 
 
-def served_model(serve: ServeConfig) -> ServedModel:
+def served_model(config: Config) -> ServedModel:
+    """What this deploy serves, resolved now and pinned."""
+    serve = config.serve
+    if serve.model == REGISTRY_MODEL:
+        from raymed.promote import resolve_current
+
+        directory = resolve_current(config)
+        return ServedModel(str(directory), serve.model_name or config.registry.name,
+                           context_length(directory), version=directory.name)
     directory = resolve_model_dir(serve)
-    return ServedModel(str(directory), serve.model_name or directory.name, _context_length(directory))
+    return ServedModel(str(directory), serve.model_name or directory.name, context_length(directory))
 
 
-def _context_length(directory: Path) -> int:
+def context_length(directory: Path) -> int:
     config = json.loads((directory / "config.json").read_text())
     config = config.get("text_config", config)
     for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
