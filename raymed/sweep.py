@@ -22,6 +22,8 @@ from raymed.train import METRICS_FILE, STATE_FILE
 
 EXPERIMENT = "sweep"
 TRIAL_FILE = "trial.json"
+TRIAL_DRIVER = {"CPU": 0.01}
+"""Resources of each trial's driver function (Tune's own placement group for the trial)."""
 
 
 @dataclass
@@ -78,7 +80,7 @@ def run_sweep(config: Config, datasets: dict, *, resume: bool = False, progress:
     experiment = directory / EXPERIMENT
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, config_data=config.model_dump(), datasets=datasets),
-        {"CPU": 0.01},  # the trial driver only waits; its Train workers hold the resources
+        TRIAL_DRIVER,  # the trial driver only waits; its Train workers hold the resources
     )
     if resume:
         if not tune.Tuner.can_restore(str(experiment)):
@@ -89,7 +91,10 @@ def run_sweep(config: Config, datasets: dict, *, resume: bool = False, progress:
             raise RaymedError(f"a sweep already exists at {experiment}: add --resume to continue it, "
                               "or choose another run_name")
         tuner = _new_tuner(config, trainable, directory, verbose=1 if progress else 0)
-    grid = tuner.fit()
+    try:
+        grid = tuner.fit()
+    finally:
+        release_leftover_reservations()
     rows = [_row(config, result) for result in grid]
     return _summarize(config, rows, directory)
 
@@ -112,8 +117,44 @@ def _new_tuner(config: Config, trainable, directory: Path, verbose: int):
             scheduler=scheduler, search_alg=_search_algorithm(config),
         ),
         run_config=tune.RunConfig(name=EXPERIMENT, storage_path=str(directory), verbose=verbose,
-                                  failure_config=tune.FailureConfig(max_failures=0)),
+                                  failure_config=tune.FailureConfig(max_failures=0),
+                                  callbacks=[_release_when_idle_callback()]),
     )
+
+
+def release_leftover_reservations() -> None:
+    """Remove this job's Ray Train worker-group placement groups (Tune's own trial groups
+    are left alone). A finished or stopped trial's worker group can leave its placement
+    group reserved after the trial is gone (observed with Ray 2.60), which starves later
+    trials on a small cluster; call this only when no trial of this job is running."""
+    import ray
+    from ray.util.placement_group import PlacementGroup, placement_group_table, remove_placement_group
+
+    job = ray.get_runtime_context().get_job_id()
+    for pg_id, pg in placement_group_table().items():
+        if (pg["state"] in ("CREATED", "PENDING") and pg_id.endswith(job)
+                and TRIAL_DRIVER not in pg["bundles"].values()):
+            remove_placement_group(PlacementGroup(ray.PlacementGroupID(bytes.fromhex(pg_id))))
+
+
+def _release_when_idle_callback():
+    from ray.tune import Callback
+
+    class ReleaseWhenIdle(Callback):
+        """After a trial ends while no other trial runs, release leftover reservations."""
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            self._release_if_idle(trials, trial)
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            self._release_if_idle(trials, trial)
+
+        @staticmethod
+        def _release_if_idle(trials, ended):
+            if not any(t.status == "RUNNING" for t in trials if t is not ended):
+                release_leftover_reservations()
+
+    return ReleaseWhenIdle()
 
 
 def search_space(config: Config) -> dict:

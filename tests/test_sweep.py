@@ -75,6 +75,15 @@ def test_asha_stops_a_hopeless_trial_and_the_best_checkpoint_survives(ray_cluste
     datasets, _ = build_datasets(config)
     result = run_sweep(config, datasets)
 
+    # Nothing stays reserved after the sweep: stopped and finished trials' worker groups
+    # are released (a leak here starved later trials and hung the suite).
+    import ray
+    from ray.util.placement_group import placement_group_table
+
+    job = ray.get_runtime_context().get_job_id()
+    assert [pg for pid, pg in placement_group_table().items()
+            if pid.endswith(job) and pg["state"] == "CREATED"] == []
+
     by_lr = {row.params["train.lr"]: row for row in result.rows}
     assert by_lr[3e-3].status == "finished" and by_lr[3e-3].steps == 8
     assert by_lr[1e-7].status == "stopped early" and by_lr[1e-7].steps < 8
