@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from corpora import signs_corpus
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from raymed.config import load_config
@@ -92,18 +93,9 @@ def test_lora_trains_only_adapters_and_checkpoints_merged_weights(default_assets
         assert torch.allclose(resumed(input_ids=ids).logits, expected, atol=1e-6)
 
 
-def _signs_corpus(directory: Path) -> Path:
-    """80 short question/answer records: a few seconds of ci-tiny training."""
-    corpus = directory / "qa.jsonl"
-    corpus.write_text("".join(
-        json.dumps({"question": f"What is sign {i}?", "answer": f"Sign {i} suggests infection."}) + "\n"
-        for i in range(80)))
-    return corpus
-
-
 @pytest.mark.slow
 def test_two_workers_train_checkpoint_and_resume(ray_cluster, default_assets, tmp_path):
-    corpus = _signs_corpus(tmp_path)
+    corpus = signs_corpus(tmp_path)
     base = [f"data.train_path={corpus}", "data.block_size=64", "data.val_fraction=0.1",
             "data.deterministic=true", f"storage_path={tmp_path}", "run_name=resume-test",
             "train.eval_every=2"]
@@ -165,7 +157,7 @@ def _nan_after_step_2(config_data: dict) -> None:
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(ray_cluster, default_assets, tmp_path):
     from raymed.errors import RaymedError
 
-    config = load_config("ci-tiny", [f"data.train_path={_signs_corpus(tmp_path)}", "data.block_size=64",
+    config = load_config("ci-tiny", [f"data.train_path={signs_corpus(tmp_path)}", "data.block_size=64",
                                      "data.val_fraction=0.1", f"storage_path={tmp_path}", "run_name=nan",
                                      "train.eval_every=2", "train.max_steps=6", "train.warmup_steps=1",
                                      "train.max_failures=0"])
@@ -225,7 +217,7 @@ def _losses_by_step(config) -> dict[int, float]:
 
 @pytest.mark.slow
 def test_killed_worker_resumes_from_last_checkpoint_and_matches(ray_cluster, default_assets, tmp_path):
-    corpus = _signs_corpus(tmp_path)
+    corpus = signs_corpus(tmp_path)
     common = [f"data.train_path={corpus}", "data.block_size=64", "data.val_fraction=0.1",
               "data.deterministic=true", "train.eval_every=2", "train.max_steps=6",
               "train.warmup_steps=1", "train.max_failures=1"]

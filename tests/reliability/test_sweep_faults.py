@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -11,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from corpora import signs_corpus
 
 from raymed.config import load_config
 from raymed.data.pipeline import build_datasets
@@ -21,10 +21,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.mark.slow
 def test_an_interrupted_sweep_resumes_without_rerunning_finished_trials(ray_cluster, default_assets, tmp_path):
-    corpus = tmp_path / "qa.jsonl"
-    corpus.write_text("".join(
-        json.dumps({"question": f"What is sign {i}?", "answer": f"Sign {i} suggests infection."}) + "\n"
-        for i in range(80)))
+    corpus = signs_corpus(tmp_path)
     overrides = [f"data.train_path={corpus}", "data.block_size=64", "data.val_fraction=0.1",
                  f"storage_path={tmp_path}", "run_name=interrupted", "train.num_workers=1",
                  "train.max_steps=4", "train.eval_every=2", "train.warmup_steps=0",

@@ -14,6 +14,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from corpora import signs_corpus
 
 from raymed.config import load_config
 from raymed.data.pipeline import build_datasets
@@ -24,12 +25,7 @@ TESTS = Path(__file__).resolve().parents[1]
 
 
 def _config(tmp_path: Path, *overrides: str):
-    tmp_path.mkdir(exist_ok=True)
-    corpus = tmp_path / "qa.jsonl"
-    if not corpus.exists():
-        corpus.write_text("".join(
-            json.dumps({"question": f"What is sign {i}?", "answer": f"Sign {i} suggests infection."}) + "\n"
-            for i in range(80)))
+    corpus = signs_corpus(tmp_path)
     return load_config("ci-tiny", [
         f"data.train_path={corpus}", "data.block_size=64", "data.val_fraction=0.1", "data.deterministic=true",
         f"storage_path={tmp_path}", "run_name=faults", "train.eval_every=2", "train.max_steps=6",
