@@ -135,6 +135,10 @@ def _parser() -> argparse.ArgumentParser:
         "local Ray (or RAY_ADDRESS), print its URL, and run until Ctrl-C. Settings: the serve section "
         "(serve.model, serve.port, serve.max_replicas, ...); RAYMED_API_KEY turns auth on.",
     )
+    serve_cmd.add_argument(
+        "--deploy", action="store_true",
+        help="deploy (or roll forward to the registry's current version) on the running cluster "
+        "(RAY_ADDRESS) and return; replicas are replaced without failing requests in flight")
     _add_config_args(serve_cmd)
     serve_cmd.set_defaults(run=_run_serve)
 
@@ -337,21 +341,18 @@ def _run_serve(args: argparse.Namespace) -> int:
     import signal
     import time
 
-    import ray
     from ray import serve
 
     from raymed.config import load_config
-    from raymed.serve.app import api_key, build_application
+    from raymed.serve.deploy import deploy
 
-    config = load_config(args.config, args.overrides)
-    application = build_application(config)  # checks the model directory before Ray starts
-    if not ray.is_initialized():
-        ray.init(include_dashboard=False, configure_logging=False)
-    serve.start(http_options={"host": config.serve.host, "port": config.serve.port})
-    serve.run(application, name="raymed", route_prefix="/")
-    shown_host = "127.0.0.1" if config.serve.host in ("0.0.0.0", "::") else config.serve.host
-    print(f"raymed: serving at http://{shown_host}:{config.serve.port}/v1 "
-          f"(auth {'on' if api_key(config) else 'off'}); Ctrl-C stops", flush=True)
+    deployment = deploy(load_config(args.config, args.overrides))
+    version = f" {deployment.version}" if deployment.version else ""
+    print(f"raymed: serving {deployment.model}{version} at {deployment.url} "
+          f"(auth {'on' if deployment.auth else 'off'})", flush=True)
+    if args.deploy:
+        return 0
+    print("raymed: Ctrl-C stops", flush=True)
     signal.signal(signal.SIGTERM, _interrupt)  # stop as on Ctrl-C (also when started in the background)
     try:
         while True:

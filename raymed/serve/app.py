@@ -381,10 +381,13 @@ def build_app(args: AppArgs) -> serve.Application:
     return build_application(load_config(args.config, args.set))
 
 
-def build_application(config: Config, *, admission_gate=None) -> serve.Application:
-    """The bound application for `config.serve`; `admission_gate` is the tests' hook."""
+def build_application(config: Config, *, model: ServedModel | None = None, admission_gate=None) -> serve.Application:
+    """The bound application for `config.serve`; `admission_gate` is the tests' hook.
+
+    `model` defaults to `served_model(config)`, resolved once here: every replica serves the
+    same directory (a registry version is pinned at this moment)."""
     settings = config.serve
-    model = served_model(config)  # resolved once here: every replica serves the same directory
+    model = model or served_model(config)
     config_data = config.model_dump()
     store = serve.deployment(MetricsStore, name="MetricsStore", num_replicas=1,
                              ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1000).bind()
