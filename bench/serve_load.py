@@ -26,16 +26,21 @@ import aiohttp
 
 def main() -> None:
     args = _parser().parse_args()
-    prompts = load_prompts(args.requests)
+    most = max(args.concurrency) * args.rounds if args.rounds else args.requests
+    prompts = load_prompts(max(most, args.baseline_requests or 0), *args.prompt_chars)
     model = args.model or asyncio.run(served_model_name(args.url, args.api_key))
-    report = {"url": args.url, "model": model, "max_tokens": args.max_tokens, "requests_per_level": args.requests,
+    report = {"url": args.url, "model": model, "max_tokens": args.max_tokens, "stream": args.stream,
+              "prompt_chars": args.prompt_chars,
+              "requests_per_level": f"{args.rounds} x concurrency" if args.rounds else args.requests,
               "machine": machine(), "levels": []}
     for concurrency in args.concurrency:
-        result = asyncio.run(run_level(args, model, prompts, concurrency))
+        count = concurrency * args.rounds if args.rounds else args.requests
+        result = asyncio.run(run_level(args, model, prompts[:count], concurrency))
         report["levels"].append(result)
         print(json.dumps(result), flush=True)
     if args.baseline_model:
-        report["baseline"] = baseline(args.baseline_model, prompts, args.max_tokens, args.baseline_threads)
+        report["baseline"] = baseline(args.baseline_model, prompts[: args.baseline_requests], args.max_tokens,
+                                      args.baseline_threads, args.baseline_batch)
         print(json.dumps({"baseline": report["baseline"]}), flush=True)
         base = report["baseline"]["generated_tokens_per_s"]
         report["speedup_vs_baseline"] = {str(level["concurrency"]): round(level["generated_tokens_per_s"] / base, 2)
@@ -51,27 +56,41 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--api-key", default=os.environ.get("RAYMED_API_KEY"))
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--requests", type=int, default=32, help="requests per concurrency level")
+    parser.add_argument("--rounds", type=int, help="instead of --requests: concurrency × ROUNDS requests per level")
     parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--prompt-chars", type=int, nargs=2, default=(0, None), metavar=("MIN", "MAX"),
+                        help="prompt length range in characters (about 4 per token)")
     parser.add_argument("--warmup", type=int, default=2, help="requests sent before each level, not counted")
     parser.add_argument("--baseline-model", help="also time plain `generate`, one request at a time, on this "
                         "model (a cached name or directory): the baseline the ratio is against")
+    parser.add_argument("--baseline-requests", type=int, help="how many of the prompts the baseline runs "
+                        "(default: all; plain generate at batch 1 is slow)")
+    parser.add_argument("--baseline-batch", type=int, default=1, help="prompts per `generate` call in the "
+                        "baseline, left-padded (default 1: one request at a time)")
+    parser.add_argument("--no-stream", dest="stream", action="store_false",
+                        help="non-streaming requests (TTFT is then the whole latency)")
     parser.add_argument("--baseline-threads", type=int, help="torch threads for the baseline (match the "
                         "replica's serve.num_cpus for a like-for-like ratio; default: torch's)")
     return parser
 
 
-def load_prompts(count: int) -> list[str]:
-    """User turns from the default corpus's validation split (as many as `count`, cycled)."""
+def load_prompts(count: int, min_chars: int = 0, max_chars: int | None = None) -> list[str]:
+    """User turns from the default corpus's validation split (as many as `count`, cycled);
+    consecutive turns are joined until a prompt has `min_chars`, and cut at `max_chars`."""
     from raymed.assets import asset_path
 
     path = asset_path("corpus/medical-v1") / "validation.jsonl"
-    turns = []
     with path.open() as lines:
-        for line in lines:
-            turns.extend(m["content"] for m in json.loads(line)["messages"] if m["role"] == "user")
-            if len(turns) >= count:
-                break
-    return [turns[i % len(turns)] for i in range(count)]
+        turns = [m["content"] for line in lines for m in json.loads(line)["messages"] if m["role"] == "user"]
+    prompts, at = [], 0
+    while len(prompts) < count:
+        prompt = turns[at % len(turns)]
+        at += 1
+        while len(prompt) < min_chars:
+            prompt += " " + turns[at % len(turns)]
+            at += 1
+        prompts.append(prompt[:max_chars])
+    return prompts
 
 
 async def served_model_name(url: str, api_key: str | None) -> str:
@@ -114,29 +133,46 @@ async def run_level(args, model: str, prompts: list[str], concurrency: int) -> d
 
 async def one_request(session: aiohttp.ClientSession, args, model: str, prompt: str) -> dict:
     body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": args.max_tokens,
-            "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
+            "temperature": 0, "stream": args.stream}
+    if args.stream:
+        body["stream_options"] = {"include_usage": True}
     started = time.perf_counter()
-    ttft, completion_tokens = None, 0
     try:
         async with session.post(f"{args.url}/v1/chat/completions", json=body) as response:
             if response.status != 200:
                 return {"error": f"HTTP {response.status}"}
-            async for raw in response.content:
-                line = raw.decode().strip()
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                chunk = json.loads(line.removeprefix("data: "))
-                if "error" in chunk:
-                    return {"error": chunk["error"].get("code") or "stream error"}
-                if ttft is None and chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
-                    ttft = time.perf_counter() - started
-                if chunk.get("usage"):
-                    completion_tokens = chunk["usage"]["completion_tokens"]
+            if args.stream:
+                ttft, completion_tokens = await _read_stream(response, started)
+            else:
+                ttft, completion_tokens = None, (await response.json())["usage"]["completion_tokens"]
     except aiohttp.ClientError as err:
         return {"error": type(err).__name__}
+    except StreamError as err:
+        return {"error": str(err)}
     e2e = time.perf_counter() - started
     return {"error": None, "ttft_s": ttft if ttft is not None else e2e, "e2e_s": e2e,
             "completion_tokens": completion_tokens}
+
+
+class StreamError(Exception):
+    """An error event inside a 200 stream."""
+
+
+async def _read_stream(response, started: float) -> tuple[float | None, int]:
+    """Time to the first content chunk and the completion's token count, from an SSE stream."""
+    ttft, completion_tokens = None, 0
+    async for raw in response.content:
+        line = raw.decode().strip()
+        if not line.startswith("data: ") or line == "data: [DONE]":
+            continue
+        chunk = json.loads(line.removeprefix("data: "))
+        if "error" in chunk:
+            raise StreamError(chunk["error"].get("code") or "stream error")
+        if ttft is None and chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+            ttft = time.perf_counter() - started
+        if chunk.get("usage"):
+            completion_tokens = chunk["usage"]["completion_tokens"]
+    return ttft, completion_tokens
 
 
 def percentiles(values: list[float]) -> dict:
@@ -147,8 +183,9 @@ def percentiles(values: list[float]) -> dict:
     return {"p50": round(statistics.median(ordered), 3), "p99": round(p99, 3)}
 
 
-def baseline(model_name: str, prompts: list[str], max_tokens: int, threads: int | None = None) -> dict:
-    """Plain transformers `generate`, greedy, one request at a time, same prompts."""
+def baseline(model_name: str, prompts: list[str], max_tokens: int, threads: int | None = None,
+             batch: int = 1) -> dict:
+    """Plain transformers `generate`, greedy, on the same prompts: `batch` at a time (left-padded)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -160,22 +197,27 @@ def baseline(model_name: str, prompts: list[str], max_tokens: int, threads: int 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
     latencies, tokens = [], 0
     started = time.perf_counter()
-    for prompt in prompts:
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                            return_tensors="pt", return_dict=True)["input_ids"].to(device)
+    for first in range(0, len(prompts), batch):
+        chats = [[{"role": "user", "content": p}] for p in prompts[first: first + batch]]
+        inputs = tokenizer.apply_chat_template(chats, add_generation_prompt=True, padding=True,
+                                               return_tensors="pt", return_dict=True).to(device)
         begun = time.perf_counter()
         with torch.inference_mode():
-            out = model.generate(ids, max_new_tokens=max_tokens, do_sample=False,
-                                 pad_token_id=tokenizer.eos_token_id)
-        latencies.append(time.perf_counter() - begun)
-        tokens += out.shape[1] - ids.shape[1]
+            out = model.generate(**inputs, max_new_tokens=max_tokens, do_sample=False,
+                                 pad_token_id=tokenizer.pad_token_id)
+        latencies.extend([time.perf_counter() - begun] * len(chats))
+        new = out[:, inputs["input_ids"].shape[1]:]
+        tokens += int((new != tokenizer.pad_token_id).sum()) if batch > 1 else new.shape[1]
     wall = time.perf_counter() - started
-    return {"requests": len(prompts), "wall_s": round(wall, 2), "requests_per_s": round(len(prompts) / wall, 3),
-            "generated_tokens": tokens, "generated_tokens_per_s": round(tokens / wall, 2),
-            "e2e_s": percentiles(latencies), "device": device, "torch_threads": torch.get_num_threads()}
+    return {"requests": len(prompts), "batch": batch, "wall_s": round(wall, 2),
+            "requests_per_s": round(len(prompts) / wall, 3), "generated_tokens": tokens,
+            "generated_tokens_per_s": round(tokens / wall, 2), "e2e_s": percentiles(latencies),
+            "device": device, "torch_threads": torch.get_num_threads()}
 
 
 def machine() -> dict:

@@ -2,9 +2,10 @@
 
     python bench/train_throughput.py [--config ci-tiny] [--steps 20] [--set k=v ...]
 
-Prints one JSON object: real (non-padding) tokens/s, step time and the fraction of time
-spent waiting for data, for a plain single-process PyTorch loop (the baseline) and for
-the Ray Train loop with one worker; MFU on GPU.
+Prints one JSON object: real (non-padding) tokens/s and step time for a plain
+single-process PyTorch loop over the same batches (the baseline) and for the Ray Train loop
+with one worker (plus its data-wait fraction, and MFU on GPU). Both leave the first step
+(compilation, cache warm-up) out of the timing.
 """
 
 from __future__ import annotations
@@ -14,42 +15,82 @@ import json
 import platform
 import tempfile
 import time
+from itertools import chain
+from pathlib import Path
 
 import ray
 import torch
 
-from raymed.config import load_config
-from raymed.data.handoff import rank_batches
+from raymed.config import load_config, with_values
+from raymed.data.handoff import prefetched, rank_batches
 from raymed.data.pipeline import build_datasets
-from raymed.train import METRICS_FILE, apply_scope, build_model, fit, load_tokenizer, train_dir
+from raymed.train import METRICS_FILE, apply_scope, build_model, fit, flops_per_token, load_tokenizer, train_dir
 
 
-def plain_loop(config, train_ds, steps: int) -> dict:
+def plain_loop(config, train_ds, steps: int, profile: Path | None = None) -> dict:
     """The baseline: the same model and batches, no Ray Train, no DDP."""
     torch.manual_seed(config.seed)
     device = torch.device("cuda" if config.train.use_gpu else "cpu")
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     model = apply_scope(build_model(config.model, load_tokenizer(config.model)), config.train).to(device)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.train.lr,
                                   fused=config.train.use_gpu)
     forward = torch.compile(model) if config.train.compile else model
-    batches = rank_batches(train_ds, config.train.micro_batch_size, rank=0, world_size=1, deterministic=True)
-    tokens, waited, started = 0, 0.0, time.perf_counter()
-    for _ in range(steps):
-        fetch = time.perf_counter()
+    torch.backends.cuda.matmul.allow_tf32 = True
+    batches = prefetched(chain.from_iterable(repeat_call(
+        lambda: rank_batches(train_ds, config.train.micro_batch_size, rank=0, world_size=1, deterministic=True))),
+        pin_memory=device.type == "cuda")
+
+    def step() -> int:
         batch = next(batches)
         real = int(batch.pop("real_tokens").sum())
-        batch = {k: v.to(device) for k, v in batch.items()}
-        waited += time.perf_counter() - fetch
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.train.bf16):
-            forward(**batch).loss.backward()
+            loss = forward(**batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), config.train.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        tokens += real
+        loss.item()  # the Ray loop checks every step's loss (one host sync), so this does too
+        return real
+
+    step()  # untimed, as in the Ray loop: the first step compiles and warms caches
+    tokens, started = 0, time.perf_counter()
+    for _ in range(steps - 1):
+        tokens += step()
     if device.type == "cuda":
         torch.cuda.synchronize()
     elapsed = time.perf_counter() - started
-    return {"tokens_per_s": round(tokens / elapsed), "step_time_s": round(elapsed / steps, 4),
-            "data_wait_frac": round(waited / elapsed, 4)}
+    result = {"micro_batch_size": config.train.micro_batch_size, "tokens_per_s": round(tokens / elapsed),
+              "step_time_s": round(elapsed / (steps - 1), 4)}
+    if device.type == "cuda":
+        flops = flops_per_token(model, config.data.block_size) * tokens / elapsed
+        result["mfu"] = round(flops / (config.train.peak_tflops * 1e12), 4)
+        result["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    if profile:
+        write_profile(step, device, profile)
+    return result
+
+
+def write_profile(step, device, path: Path, steps: int = 3) -> None:
+    """Where a step's time goes: torch.profiler's top operators over `steps` more steps."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+    path.write_text(prof.key_averages().table(sort_by=sort, row_limit=25, max_name_column_width=60))
+
+
+def repeat_call(make):
+    """make(), make(), ... forever (one epoch of batches after another)."""
+    while True:
+        yield make()
 
 
 def ray_loop(config, datasets, steps: int) -> dict:
@@ -66,12 +107,19 @@ def main() -> dict:
     parser.add_argument("--config", default="ci-tiny")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--set", dest="overrides", action="append", default=[])
+    parser.add_argument("--profile", type=Path, metavar="TXT",
+                        help="write torch.profiler's top operators over 3 more plain-loop steps")
+    parser.add_argument("--plain-micro-batches", type=int, nargs="*", default=[],
+                        help="also time the plain loop at these micro-batch sizes (the scaling curve)")
     args = parser.parse_args()
     config = load_config(args.config, [*args.overrides, "data.deterministic=true", "train.warmup_steps=0"])
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     datasets, _ = build_datasets(config)
-    plain = plain_loop(config, datasets["train"], args.steps)
+    plain = plain_loop(config, datasets["train"], args.steps, args.profile)
+    print(json.dumps({"plain_pytorch": plain}), flush=True)  # kept if the run is cut short
     with_ray = ray_loop(config, datasets, args.steps)
+    scaling = [plain_loop(with_values(config, {"train.micro_batch_size": size}), datasets["train"], args.steps)
+               for size in args.plain_micro_batches]
     return {
         "benchmark": "train_throughput",
         "config": args.config,
@@ -82,6 +130,7 @@ def main() -> dict:
         "plain_pytorch": plain,
         "ray_train_1_worker": with_ray,
         "ray_vs_plain_tokens_per_s": round(with_ray["tokens_per_s"] / plain["tokens_per_s"], 3),
+        "plain_by_micro_batch": scaling,
     }
 
 

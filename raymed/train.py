@@ -252,19 +252,29 @@ class WorkerLoop:
         self.log = RunLog(train_dir(config) / "logs") if self.rank0 else None
         self.step, self.position = self._resume()
         self.start_step = self.step
-        self.flops_per_token = _flops_per_token(_unwrap(self.model), config.data.block_size)
+        self.flops_per_token = flops_per_token(_unwrap(self.model), config.data.block_size)
+        self._restart_clocks()
+
+    def _restart_clocks(self) -> None:
+        self.started = time.perf_counter()
+        self.timed_from_step = self.step
         self.tokens, self.waited, self.validating = 0, 0.0, 0.0
 
     def run(self) -> None:
+        from raymed.data.handoff import prefetched
+
         train = self.config.train
-        stream = islice(_endless(lambda: self._batches("train")), self.position, None)
+        stream = prefetched(islice(_endless(lambda: self._batches("train")), self.position, None),
+                            pin_memory=self.device.type == "cuda")
         progress = tqdm(total=train.max_steps, initial=self.step, desc="train", disable=not self.rank0)
-        self.started = time.perf_counter()
+        self._restart_clocks()
         while self.step < train.max_steps:
             loss = self._train_step(stream)
             metrics = self._throughput() | {"train_loss": loss, "lr": self.scheduler.get_last_lr()[0]}
             if self.step % train.eval_every == 0 or self.step == train.max_steps:
                 metrics |= self._validate_and_checkpoint(metrics)
+            if self.step == self.start_step + 1 < train.max_steps:
+                self._restart_clocks()  # speed is steady-state: the first step compiles and warms caches
             if self.rank0:
                 self.log.log(metrics)
                 progress.update(1)
@@ -303,10 +313,11 @@ class WorkerLoop:
         return loss_sum
 
     def _throughput(self) -> dict[str, float]:
-        """Speed since this attempt started, validation and checkpoint time excluded."""
+        """Speed since this attempt's first step (since its start, on that step), validation
+        and checkpoint time excluded."""
         elapsed = time.perf_counter() - self.started - self.validating
         metrics = {"step": self.step, "tokens_per_s": self.tokens / elapsed,
-                   "step_time_s": elapsed / (self.step - self.start_step),
+                   "step_time_s": elapsed / (self.step - self.timed_from_step),
                    "data_wait_frac": self.waited / elapsed}
         if self.config.train.use_gpu:  # all workers' FLOPs over the peak of all their GPUs
             metrics["mfu"] = self.flops_per_token * self.tokens / elapsed / (self.config.train.peak_tflops * 1e12)
@@ -370,7 +381,7 @@ def _load_tensors(path: Path):
         raise RaymedError(f"checkpoint file {path} is unreadable ({err}): delete that checkpoint to resume from the one before") from None
 
 
-def _flops_per_token(model, block_size: int) -> float:
+def flops_per_token(model, block_size: int) -> float:
     """Training FLOPs per token by the nanoGPT/PaLM formula: 6N + 12·L·H·Q·T."""
     config = model.config.get_text_config()
     layers, heads = config.num_hidden_layers, config.num_attention_heads

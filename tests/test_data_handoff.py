@@ -9,7 +9,7 @@ from ray.train import RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from raymed.config import load_config
-from raymed.data.handoff import rank_batches, train_data_config, worker_batches
+from raymed.data.handoff import prefetched, rank_batches, train_data_config, worker_batches
 from raymed.data.pipeline import build_datasets
 
 pytestmark = pytest.mark.slow
@@ -72,3 +72,23 @@ def test_streaming_workers_get_disjoint_shards_that_cover_the_data(train_dataset
     assert len(rows) == len(set(rows))
     assert set(rows) <= set(everything)
     assert len(everything) - len(rows) < 2 * MICRO  # only each shard's incomplete last batch is dropped
+
+
+def test_prefetched_batches_keep_their_order_and_end():
+    import torch
+
+    batches = ({"input_ids": torch.full((2, 4), i)} for i in range(7))
+    assert [int(b["input_ids"][0, 0]) for b in prefetched(batches, pin_memory=False, depth=2)] == list(range(7))
+
+
+def test_prefetching_raises_the_producers_error_in_the_consumer():
+    import torch
+
+    def failing():
+        yield {"input_ids": torch.zeros(1)}
+        raise OSError("shard unreadable")
+
+    stream = prefetched(failing(), pin_memory=False)
+    next(stream)
+    with pytest.raises(OSError, match="shard unreadable"):
+        next(stream)

@@ -314,8 +314,11 @@ def test_the_load_benchmark_measures_the_endpoint(url):
     spec = importlib.util.spec_from_file_location("serve_load", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    args = argparse.Namespace(url=url, api_key=None, max_tokens=4, warmup=1)
-    level = asyncio.run(bench.run_level(args, MODEL, bench.load_prompts(4), concurrency=2))
-    assert (level["ok"], level["errors"]) == (4, {})
-    assert level["generated_tokens"] == 16 and level["generated_tokens_per_s"] > 0
-    assert 0 < level["ttft_s"]["p50"] <= level["e2e_s"]["p50"]
+    prompts = bench.load_prompts(4, min_chars=200, max_chars=400)
+    assert all(200 <= len(p) <= 400 for p in prompts)
+    for stream in (True, False):
+        args = argparse.Namespace(url=url, api_key=None, max_tokens=4, warmup=1, stream=stream)
+        level = asyncio.run(bench.run_level(args, MODEL, prompts, concurrency=2))
+        assert (level["ok"], level["errors"]) == (4, {})
+        assert level["generated_tokens"] == 16 and level["generated_tokens_per_s"] > 0
+        assert 0 < level["ttft_s"]["p50"] <= level["e2e_s"]["p50"]

@@ -11,6 +11,8 @@ the same order; a resumed run skips the global batches already consumed.
 
 from __future__ import annotations
 
+import queue
+import threading
 from collections.abc import Iterator
 
 import torch
@@ -53,3 +55,30 @@ def rank_batches(source, micro_batch_size: int, *, rank: int, world_size: int,
         if index < skip_batches:
             continue
         yield {name: torch.as_tensor(batch[name][lo : lo + micro_batch_size]) for name in HANDOFF_FIELDS}
+
+
+def prefetched(batches: Iterator[dict[str, torch.Tensor]], *, pin_memory: bool, depth: int = 2) -> Iterator[dict[str, torch.Tensor]]:
+    """`batches`, fetched `depth` ahead on a background thread (in page-locked memory when
+    `pin_memory`, so the copy to the GPU runs asynchronously), so the training step does not
+    wait on Ray Data. An error in the producer is raised in the consumer."""
+    ready: queue.Queue = queue.Queue(maxsize=depth)
+
+    def produce() -> None:
+        try:
+            for batch in batches:
+                ready.put({k: v.pin_memory() if pin_memory else v for k, v in batch.items()})
+            ready.put(_END)
+        except BaseException as err:  # handed to the consumer, which raises it
+            ready.put(err)
+
+    threading.Thread(target=produce, name="raymed-prefetch", daemon=True).start()
+    while True:
+        item = ready.get()
+        if item is _END:
+            return
+        if isinstance(item, BaseException):
+            raise item
+        yield item
+
+
+_END = object()
