@@ -161,6 +161,14 @@ def _sse(payload: dict) -> str:
     return f"data: {json.dumps(payload)}\n\n"
 
 
+STATIC_DIR = Path(__file__).resolve().parent / "static"
+
+
+def _static_file(name: str) -> bytes:
+    """One of the chat page's files (shipped as package data)."""
+    return (STATIC_DIR / name).read_bytes()
+
+
 # Decorated at import time, so every replica that imports this module gets the routes;
 # Serve copies the methods then, so whatever they use is defined above.
 @serve.ingress(api)
@@ -412,6 +420,11 @@ def build_app(args: AppArgs) -> serve.Application:
     return build_application(load_config(args.config, args.set))
 
 
+ROLLING_SURGE_PERCENT = 100
+"""On a redeploy, Serve starts every replacement replica before it drains an old one (Serve's
+default stops old replicas first, which leaves a one-replica deployment with none for a while)."""
+
+
 def build_application(config: Config, *, model: ServedModel | None = None, admission_gate=None) -> serve.Application:
     """The bound application for `config.serve`; `admission_gate` is the tests' hook.
 
@@ -424,13 +437,14 @@ def build_application(config: Config, *, model: ServedModel | None = None, admis
                              ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1000).bind()
     replicas = serve.deployment(ModelServer, name="ModelServer").options(
         autoscaling_config=autoscaling_config(settings),
+        max_surge_percent=ROLLING_SURGE_PERCENT,
         max_ongoing_requests=settings.max_ongoing_requests,
         max_queued_requests=settings.max_queued_requests,
         backpressure_config=BackpressureConfig(status_code=settings.overload_status,
                                                retry_after_s=settings.retry_after_s),
         ray_actor_options={"num_cpus": settings.num_cpus, "num_gpus": settings.num_gpus},
     ).bind(config_data, model.directory, store, admission_gate)
-    gateway = serve.deployment(Gateway, name="Gateway", num_replicas=1,
+    gateway = serve.deployment(Gateway, name="Gateway", num_replicas=1, max_surge_percent=ROLLING_SURGE_PERCENT,
                                ray_actor_options={"num_cpus": 0}, max_ongoing_requests=10_000)
     return gateway.bind(config_data, model, replicas, store, api_key(config))
 
@@ -441,14 +455,6 @@ def autoscaling_config(settings) -> dict:
             "target_ongoing_requests": settings.target_ongoing_requests,
             "upscale_delay_s": settings.upscale_delay_s, "downscale_delay_s": settings.downscale_delay_s,
             "look_back_period_s": settings.autoscale_look_back_s}
-
-
-STATIC_DIR = Path(__file__).resolve().parent / "static"
-
-
-def _static_file(name: str) -> bytes:
-    """One of the chat page's files (shipped as package data)."""
-    return (STATIC_DIR / name).read_bytes()
 
 
 def api_key(config: Config) -> str | None:
