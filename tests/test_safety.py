@@ -90,6 +90,8 @@ def test_the_system_prompt_leads_and_a_callers_system_message_is_merged_after_it
 IDENTIFIERS = {
     "name": ("My name is Johanna Quistorp", "Quistorp"),
     "titled name": ("Dr. Anselm Vierbuchen referred me", "Vierbuchen"),
+    "patient is": ("the patient is Anselm Vierbuchen", "Vierbuchen"),
+    "i'm": ("Hello, I'm Anselm and my chest hurts", "Anselm"),
     "mrn": ("MRN: 84736251", "84736251"),
     "mrn compact": ("record MRN-9912873", "9912873"),
     "phone": ("call me on +1 (415) 555-0199", "555-0199"),

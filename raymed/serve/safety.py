@@ -171,7 +171,7 @@ IDENTIFIERS = (
     ("[DATE]", re.compile(r"\b(?:19|20)\d{2}[/.\-]\d{1,2}[/.\-]\d{1,2}\b")),
     ("[DATE]", re.compile(rf"\b\d{{1,2}}(?:st|nd|rd|th)?\s+(?:of\s+)?{MONTHS},?\s+\d{{4}}\b", re.IGNORECASE)),
     ("[DATE]", re.compile(rf"\b{MONTHS}\s+\d{{1,2}}(?:st|nd|rd|th)?,?\s+\d{{4}}\b", re.IGNORECASE)),
-    (r"\1[NAME]", re.compile(rf"\b((?i:my name is|name is|name:|called|this is|patient:?)\s+){NAME}")),
+    (r"\1[NAME]", re.compile(rf"\b((?i:my name is|name is|name:|called|named|this is|i am|i'm|patient(?: is|:)?)\s+){NAME}")),
     (r"\1[NAME]", re.compile(rf"\b((?:Mr|Mrs|Ms|Miss|Dr|Prof)\.?\s+){NAME}")),
 )
 
