@@ -3,6 +3,7 @@ marks in the API, the chat page in headless Chromium, and `raymed chat` in a ter
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -139,3 +140,42 @@ def test_the_chat_page_asks_for_the_key_streams_an_answer_and_shows_the_banner(u
     assert "Possible emergency" not in answer.inner_text()  # the banner is shown once, above the answer
     assert page.get_by_test_id("disclaimer").inner_text() == DISCLAIMER
     page.close()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("status", [503, 429])
+def test_the_chat_page_explains_an_overloaded_server(url, browser, status):
+    """The overload answer itself is tested against a real full queue in test_serve_overload.py;
+    here the browser gets that answer's exact status, headers and body (errors.overloaded) to
+    check what the page makes of it."""
+    from raymed.serve import errors
+
+    overloaded = errors.overloaded(status, 3)
+    page = browser.new_page()
+    page.route("**/v1/chat/completions", lambda route: route.fulfill(
+        status=overloaded.status, headers=overloaded.headers, content_type="application/json",
+        body=json.dumps(overloaded.body())))
+    page.goto(f"{url}/")
+    page.get_by_test_id("key-form").wait_for(state="visible")
+    page.fill("#key-input", KEY)
+    page.click("#key-form button")
+    page.get_by_text(f"Model: {MODEL}").wait_for()
+    page.fill("#prompt", "What is a fever?")
+    page.click("#send")
+    error = page.get_by_test_id("error")
+    error.wait_for()
+    assert error.inner_text() == ("The assistant is busy with other people's questions right now. "
+                                  "Please try again in 3 seconds.")
+    page.close()
+
+
+@pytest.mark.parametrize(("status", "retry_after", "expected"), [
+    (503, "3", "the assistant is busy with other requests right now; try again in 3 s"),
+    (429, None, "the assistant is busy with other requests right now; try again shortly"),
+    (401, None, "the server needs an API key, or the key given is wrong: pass --api-key or set RAYMED_API_KEY"),
+    (404, None, "the question was not accepted: no such model"),
+])
+def test_terminal_chat_explains_failures(status, retry_after, expected):
+    from raymed.chat import explain
+
+    assert explain(status, {"message": "no such model"}, retry_after) == expected

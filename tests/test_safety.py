@@ -110,7 +110,8 @@ def test_redact_removes_each_kind_of_identifier(key):
 
 
 def test_redact_keeps_what_logs_need():
-    line = "request chatcmpl-0123456789abcdef01234567 chat: prompt_tokens=412 max_tokens=16 ttft_s=0.125"
+    line = ("request chatcmpl-0123456789abcdef01234567 chat: prompt_tokens=412 max_tokens=16 ttft_s=0.125 "
+            "from 10.100.200.31:8000 (ray 2.60.0)")
     assert redact(line) == line
 
 

@@ -2,7 +2,10 @@
 replicas (`ModelServer`, each running a continuous-batching engine), plus a tiny
 `MetricsStore` that collects every replica's figures for `/metrics`.
 
-    client ──HTTP──▶ Gateway (validate, tokenize, auth, errors, SSE) ──handle──▶ ModelServer × N
+    client ──HTTP──▶ Gateway (validate, tokenize, auth, safety, errors, SSE) ──handle──▶ ModelServer × N
+
+The Gateway also serves the chat page (`/`, `/chat.js`) and applies the medical safety layer
+(raymed.serve.safety) outside the model.
 
 Entry points: `build_app` (the Serve application builder that `serve run` / `serve deploy`
 import: `raymed.serve.app:build_app`, args `config` and `set`) and `build_application`

@@ -165,7 +165,8 @@ IDENTIFIERS = (
     ("[MRN]", re.compile(r"\b(?:MRN|medical record(?: number| no\.?)?|hospital (?:number|no\.?)|patient id|NHS number)"
                          r"\s*(?:is|:|#|=)?\s*[A-Z0-9][A-Z0-9\-]{3,}", re.IGNORECASE)),
     ("[MRN]", re.compile(r"\bMRN[\-:]?\d{4,}\b", re.IGNORECASE)),
-    ("[PHONE]", re.compile(r"(?<![\w\-])(?:\+\d{1,3}[\s.\-]?)?(?:\(\d{2,4}\)|\d{2,4})[\s.\-]\d{3,4}[\s.\-]\d{3,4}(?![\w\-])")),
+    ("[PHONE]", re.compile(r"(?<![\w.\-])(?:\+\d{1,3}[\s.\-]?)?(?:\(\d{2,4}\)|\d{2,4})[\s.\-]\d{3,4}[\s.\-]\d{3,4}"
+                           r"(?![\w\-]|\.\d)")),
     ("[PHONE]", re.compile(r"(?<![\w\-])\+\d{9,14}\b")),
     ("[DATE]", re.compile(r"\b\d{1,2}[/.\-]\d{1,2}[/.\-](?:\d{4}|\d{2})\b")),
     ("[DATE]", re.compile(r"\b(?:19|20)\d{2}[/.\-]\d{1,2}[/.\-]\d{1,2}\b")),

@@ -3,7 +3,6 @@
 "use strict";
 
 const KEY_STORAGE = "raymed-api-key";
-const MAX_TOKENS = 256;
 const state = { model: null, history: [], key: sessionStorage.getItem(KEY_STORAGE) || "" };
 const $ = (id) => document.getElementById(id);
 
@@ -147,7 +146,7 @@ async function ask(question) {
     response = await fetch("/v1/chat/completions", {
       method: "POST",
       headers: { "Content-Type": "application/json", ...authHeaders() },
-      body: JSON.stringify({ model: state.model, messages: state.history, stream: true, max_tokens: MAX_TOKENS }),
+      body: JSON.stringify({ model: state.model, messages: state.history, stream: true }),  // length: the server's default
     });
   } catch {
     state.history.pop();
