@@ -73,13 +73,14 @@ def test_the_page_and_health_are_the_only_open_routes(url):
     page = requests.get(f"{url}/", timeout=10)
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
     assert requests.get(f"{url}/chat.js", timeout=10).headers["content-type"].startswith("text/javascript")
+    assert requests.get(f"{url}/health", timeout=10).status_code == 200
     assert requests.get(f"{url}/v1/models", timeout=10).status_code == 401
 
 
-def _terminal_chat(url, *args, key=KEY):
+def _terminal_chat(url, *args, key=KEY, typed=None):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "RAYMED_API_KEY": key}
     return subprocess.run([sys.executable, "-m", "raymed", "chat", "--url", f"{url}/v1", "--max-tokens", "6", *args],
-                          capture_output=True, text=True, timeout=120, env=env)
+                          capture_output=True, text=True, timeout=120, env=env, input=typed)
 
 
 @pytest.mark.slow
@@ -91,6 +92,14 @@ def test_terminal_chat_streams_the_answer_under_the_banner(url):
     assert DISCLAIMER in done.stdout
     wrong = _terminal_chat(url, "-m", "Hi", key="wrong")
     assert wrong.returncode == 1 and "API key" in wrong.stderr
+
+
+@pytest.mark.slow
+def test_terminal_chat_keeps_a_conversation_from_stdin(url):
+    done = _terminal_chat(url, typed=f"What is a fever?\n{RED_FLAG}\n/quit\nnever asked\n")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.count("assistant> ") == 2 and done.stdout.count(DISCLAIMER) == 2
+    assert done.stdout.count("Possible emergency") == 1  # only the red-flag question gets the banner
 
 
 @pytest.fixture(scope="module")
