@@ -423,11 +423,6 @@ def build_app(args: AppArgs) -> serve.Application:
     return build_application(load_config(args.config, args.set))
 
 
-ROLLING_SURGE_PERCENT = 100
-"""On a redeploy, Serve starts every replacement replica before it drains an old one (Serve's
-default stops old replicas first, which leaves a one-replica deployment with none for a while)."""
-
-
 def build_application(config: Config, *, model: ServedModel | None = None, admission_gate=None) -> serve.Application:
     """The bound application for `config.serve`; `admission_gate` is the tests' hook.
 
@@ -440,14 +435,14 @@ def build_application(config: Config, *, model: ServedModel | None = None, admis
                              ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1000).bind()
     replicas = serve.deployment(ModelServer, name="ModelServer").options(
         autoscaling_config=autoscaling_config(settings),
-        max_surge_percent=ROLLING_SURGE_PERCENT,
+        max_surge_percent=settings.rolling_surge_percent,
         max_ongoing_requests=settings.max_ongoing_requests,
         max_queued_requests=settings.max_queued_requests,
         backpressure_config=BackpressureConfig(status_code=settings.overload_status,
                                                retry_after_s=settings.retry_after_s),
         ray_actor_options={"num_cpus": settings.num_cpus, "num_gpus": settings.num_gpus},
     ).bind(config_data, model.directory, store, admission_gate)
-    gateway = serve.deployment(Gateway, name="Gateway", num_replicas=1, max_surge_percent=ROLLING_SURGE_PERCENT,
+    gateway = serve.deployment(Gateway, name="Gateway", num_replicas=1, max_surge_percent=100,  # it needs no CPU
                                ray_actor_options={"num_cpus": 0}, max_ongoing_requests=10_000)
     return gateway.bind(config_data, model, replicas, store, api_key(config))
 
