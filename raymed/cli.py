@@ -364,7 +364,7 @@ def _run_serve(args: argparse.Namespace) -> int:
     deployment = deploy(load_config(args.config, args.overrides))
     version = f" {deployment.version}" if deployment.version else ""
     print(f"raymed: serving {deployment.model}{version} at {deployment.url} "
-          f"(auth {'on' if deployment.auth else 'off'})", flush=True)
+          f"(auth {'on' if deployment.auth else 'off'}); chat page at {deployment.url.removesuffix('/v1')}/", flush=True)
     if args.deploy:
         return 0
     print("raymed: Ctrl-C stops", flush=True)
