@@ -131,14 +131,14 @@ def test_a_rolling_update_under_load_fails_no_request(ray_cluster, tmp_path, tok
     try:
         for client in clients:
             client.start()
-        wait_for(lambda: all(len(c.calls) >= 2 for c in clients), timeout=120)
+        wait_for(lambda: all(c.calls for c in clients), timeout=120)
 
         registry.add(save_tiny_model(tmp_path / "v2", tokenizer_dir, seed=2), {"metrics": {}}, expect_current="v1")
         deploy_started = time.monotonic()
         second = deploy(config)
         deployed = time.monotonic()
         assert second.version == "v2"
-        wait_for(lambda: all(sum(call.started > deployed for call in c.calls) >= 2 for c in clients), timeout=120)
+        wait_for(lambda: all(any(call.started > deployed for call in c.calls) for c in clients), timeout=120)
     finally:
         stop.set()
         for client in clients:
