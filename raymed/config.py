@@ -257,6 +257,16 @@ class ServeConfig(_Section):
     max_replicas: int = Field(1, ge=1)
     target_ongoing_requests: float = Field(8, gt=0)
     """The autoscaler adds replicas when each has more than this many requests in flight."""
+    upscale_delay_s: float = Field(30, ge=0)
+    """How long load must stay above target before the autoscaler adds a replica."""
+    downscale_delay_s: float = Field(600, ge=0)
+    """How long load must stay below target before the autoscaler removes a replica."""
+    autoscale_look_back_s: float = Field(30, gt=0)
+    """The window the autoscaler averages requests in flight over."""
+    rolling_surge_percent: int = Field(100, ge=0, le=100)
+    """On a redeploy, extra replicas (percent of the target) started before old ones drain, so
+    requests in flight finish and new ones always find a replica. Needs room for them on the
+    cluster (a GPU each on GPUs); 0: Serve stops old replicas first and requests wait meanwhile."""
     max_ongoing_requests: int = Field(16, ge=1)
     """Requests one replica takes at once (running plus waiting to join its batch)."""
     max_queued_requests: int = Field(64, ge=-1)

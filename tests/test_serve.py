@@ -16,6 +16,7 @@ import torch
 from serve_support import save_tiny_model, sse_events, start_app, wait_for, free_port
 
 from raymed.config import load_config
+from raymed.serve.safety import with_system_prompt
 
 MODEL = "tiny"
 
@@ -88,8 +89,8 @@ def test_chat_answer_is_plain_greedy_generate_with_usage(url, local_model):
     body = response.json()
     assert body["object"] == "chat.completion" and body["id"].startswith("chatcmpl-")
     assert response.headers["x-request-id"]  # Serve's request id, also on every log line of the request
-    prompt_ids = local_model[1].apply_chat_template([{"role": "user", "content": "What is a fever?"}],
-                                                    add_generation_prompt=True, return_dict=True)["input_ids"]
+    messages = with_system_prompt([{"role": "user", "content": "What is a fever?"}])  # the safety layer's
+    prompt_ids = local_model[1].apply_chat_template(messages, add_generation_prompt=True, return_dict=True)["input_ids"]
     choice = body["choices"][0]
     assert choice["message"]["role"] == "assistant"
     assert choice["message"]["content"] == greedy_reference(local_model, prompt_ids, 12)

@@ -2,7 +2,10 @@
 replicas (`ModelServer`, each running a continuous-batching engine), plus a tiny
 `MetricsStore` that collects every replica's figures for `/metrics`.
 
-    client ──HTTP──▶ Gateway (validate, tokenize, auth, errors, SSE) ──handle──▶ ModelServer × N
+    client ──HTTP──▶ Gateway (validate, tokenize, auth, safety, errors, SSE) ──handle──▶ ModelServer × N
+
+The Gateway also serves the chat page (`/`, `/chat.js`) and applies the medical safety layer
+(raymed.serve.safety) outside the model.
 
 Entry points: `build_app` (the Serve application builder that `serve run` / `serve deploy`
 import: `raymed.serve.app:build_app`, args `config` and `set`) and `build_application`
@@ -26,10 +29,10 @@ from ray import serve
 from ray.serve.config import BackpressureConfig
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 
 from raymed.config import Config, load_config
-from raymed.serve import errors
+from raymed.serve import errors, safety
 from raymed.serve.engine import BatchingEngine, SamplingParams
 from raymed.serve.metrics import IngressMetrics, MetricsStore
 from raymed.serve.model_source import ServedModel, context_length, eos_token_ids, load_for_inference, served_model
@@ -71,6 +74,7 @@ class ModelServer:
     async def __init__(self, config_data: dict, model_dir: str, metrics_store=None, admission_gate=None):
         import torch
 
+        safety.install_log_redaction()
         serve_config = Config.model_validate(config_data).serve
         torch.set_num_threads(max(1, int(serve_config.num_cpus)))
         model, tokenizer = await asyncio.to_thread(load_for_inference, model_dir, serve_config)
@@ -143,6 +147,14 @@ class _ChunkShape:
             return chat_chunk(self.request_id, self.model, {"content": text} if text else {}, finish_reason)
         return completion(self.request_id, self.model, text, finish_reason, None)
 
+    def opening(self, marks: dict) -> dict:
+        """The first chunk: the assistant role (chat), the safety banner's text if any, and the marks."""
+        banner = marks["safety"]["banner"] or ""
+        if self.route == "chat":
+            delta = {"role": "assistant", "content": banner}
+            return {**chat_chunk(self.request_id, self.model, delta), **marks}
+        return {**completion(self.request_id, self.model, banner, None, None), **marks}
+
 
 async def _resolved(response):
     return await response
@@ -150,6 +162,14 @@ async def _resolved(response):
 
 def _sse(payload: dict) -> str:
     return f"data: {json.dumps(payload)}\n\n"
+
+
+STATIC_DIR = Path(__file__).resolve().parent / "static"
+
+
+def _static_file(name: str) -> bytes:
+    """One of the chat page's files (shipped as package data)."""
+    return (STATIC_DIR / name).read_bytes()
 
 
 # Decorated at import time, so every replica that imports this module gets the routes;
@@ -161,6 +181,7 @@ class Gateway:
     def __init__(self, config_data: dict, model: ServedModel, model_handle, metrics_store, api_key: str | None):
         from transformers import AutoTokenizer
 
+        safety.install_log_redaction()
         self.config = Config.model_validate(config_data).serve
         self.model = model
         self.tokenizer = AutoTokenizer.from_pretrained(model.directory)
@@ -172,6 +193,15 @@ class Gateway:
     @api.get("/health")
     async def health(self) -> dict:
         return {"status": "ok", "model": self.model.name}
+
+    # The chat page's static files are open (like /health): the page asks for the key itself.
+    @api.get("/")
+    async def chat_page(self) -> Response:
+        return HTMLResponse(_static_file("index.html"), headers={"Cache-Control": "no-cache"})
+
+    @api.get("/chat.js")
+    async def chat_script(self) -> Response:
+        return Response(_static_file("chat.js"), media_type="text/javascript", headers={"Cache-Control": "no-cache"})
 
     @api.get("/v1/models")
     async def list_models(self, request: Request) -> Response:
@@ -231,16 +261,20 @@ class Gateway:
 
     async def _chat(self, request: Request, request_id: str) -> Response:
         body = await self._parse(request, ChatCompletionRequest)
+        messages = body.chat()
         try:
-            prompt_ids = self.tokenizer.apply_chat_template(body.chat(), add_generation_prompt=True, tokenize=True,
+            prompt_ids = self.tokenizer.apply_chat_template(safety.with_system_prompt(messages),
+                                                            add_generation_prompt=True, tokenize=True,
                                                             return_dict=True)["input_ids"]
         except Exception as err:  # a template that rejects these messages (e.g. roles out of order)
             raise errors.bad_request(f"the model's chat template rejects these messages: {err}", "messages") from None
-        return await self._generate("chat", request_id, body, list(prompt_ids))
+        flags = safety.check([m["content"] for m in messages if m["role"] == "user"])
+        return await self._generate("chat", request_id, body, list(prompt_ids), flags)
 
     async def _completions(self, request: Request, request_id: str) -> Response:
         body = await self._parse(request, CompletionRequest)
-        return await self._generate("completions", request_id, body, self.tokenizer(body.prompt)["input_ids"])
+        flags = safety.check([body.prompt])
+        return await self._generate("completions", request_id, body, self.tokenizer(body.prompt)["input_ids"], flags)
 
     # -- validation
 
@@ -295,12 +329,18 @@ class Gateway:
 
     # -- generation
 
-    async def _generate(self, route: str, request_id: str, body, prompt_ids: list[int]) -> Response:
+    def _marks(self, flags: safety.SafetyCheck) -> dict:
+        """What every answer carries besides the text: the safety object and which model version wrote it."""
+        return {"safety": safety.safety_field(flags), "system_fingerprint": self.model.fingerprint()}
+
+    async def _generate(self, route: str, request_id: str, body, prompt_ids: list[int],
+                        flags: safety.SafetyCheck) -> Response:
         job = self._job(request_id, body, list(prompt_ids))
-        logger.info("request %s %s: prompt_tokens=%d max_tokens=%d stream=%s", request_id, route,
-                    len(prompt_ids), job["sampling"]["max_tokens"], body.stream)
+        logger.info("request %s %s: prompt_tokens=%d max_tokens=%d stream=%s red_flags=%s", request_id, route,
+                    len(prompt_ids), job["sampling"]["max_tokens"], body.stream, ",".join(flags.categories) or "-")
+        marks = self._marks(flags)
         if body.stream:
-            return await self._stream(route, request_id, body, job)
+            return await self._stream(route, request_id, body, job, marks)
         started = time.perf_counter()
         response = self.replicas.generate.remote(job)
         try:
@@ -310,11 +350,12 @@ class Gateway:
             raise errors.timed_out(self.config.request_timeout_s) from None
         self._observe(route, started, len(prompt_ids), result["completion_tokens"])
         used = usage(len(prompt_ids), result["completion_tokens"])
+        text = safety.banner(flags) + result["text"]  # the banner is added here, outside the model
         if route == "chat":
-            return JSONResponse(chat_completion(request_id, body.model, result["text"], result["finish_reason"], used))
-        return JSONResponse(completion(request_id, body.model, result["text"], result["finish_reason"], used))
+            return JSONResponse({**chat_completion(request_id, body.model, text, result["finish_reason"], used), **marks})
+        return JSONResponse({**completion(request_id, body.model, text, result["finish_reason"], used), **marks})
 
-    async def _stream(self, route: str, request_id: str, body, job: dict) -> Response:
+    async def _stream(self, route: str, request_id: str, body, job: dict, marks: dict) -> Response:
         """SSE. The first event is awaited before answering, so overload still gets its
         503/429 (not a 200 stream that then breaks)."""
         started = time.perf_counter()
@@ -326,18 +367,19 @@ class Gateway:
             events.cancel()
             raise errors.timed_out(self.config.request_timeout_s) from None
         self.metrics.ttft.labels(route).observe(time.perf_counter() - started)
-        chunks = self._sse_chunks(route, request_id, body, job, first, events, deadline, started)
+        chunks = self._sse_chunks(route, request_id, body, job, first, events, deadline, started, marks)
         return StreamingResponse(chunks, media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"})
 
-    async def _sse_chunks(self, route, request_id, body, job, first, events, deadline, started):
+    async def _sse_chunks(self, route, request_id, body, job, first, events, deadline, started, marks):
         shape = _ChunkShape(route, request_id, body.model)
         event = first
         try:
-            if route == "chat":
-                yield _sse(chat_chunk(request_id, body.model, {"role": "assistant", "content": ""}))
+            yield _sse(shape.opening(marks))
             while True:
-                if event["text"] or event["finish_reason"]:
+                if event["finish_reason"]:  # the last chunk repeats the safety marks
+                    yield _sse({**shape.chunk(event["text"], event["finish_reason"]), **marks})
+                elif event["text"]:
                     yield _sse(shape.chunk(event["text"], event["finish_reason"]))
                 if event["finish_reason"] is not None:
                     break
@@ -392,17 +434,25 @@ def build_application(config: Config, *, model: ServedModel | None = None, admis
     store = serve.deployment(MetricsStore, name="MetricsStore", num_replicas=1,
                              ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1000).bind()
     replicas = serve.deployment(ModelServer, name="ModelServer").options(
-        autoscaling_config={"min_replicas": settings.min_replicas, "max_replicas": settings.max_replicas,
-                            "target_ongoing_requests": settings.target_ongoing_requests},
+        autoscaling_config=autoscaling_config(settings),
+        max_surge_percent=settings.rolling_surge_percent,
         max_ongoing_requests=settings.max_ongoing_requests,
         max_queued_requests=settings.max_queued_requests,
         backpressure_config=BackpressureConfig(status_code=settings.overload_status,
                                                retry_after_s=settings.retry_after_s),
         ray_actor_options={"num_cpus": settings.num_cpus, "num_gpus": settings.num_gpus},
     ).bind(config_data, model.directory, store, admission_gate)
-    gateway = serve.deployment(Gateway, name="Gateway", num_replicas=1,
+    gateway = serve.deployment(Gateway, name="Gateway", num_replicas=1, max_surge_percent=100,  # it needs no CPU
                                ray_actor_options={"num_cpus": 0}, max_ongoing_requests=10_000)
     return gateway.bind(config_data, model, replicas, store, api_key(config))
+
+
+def autoscaling_config(settings) -> dict:
+    """Serve's `autoscaling_config` for the model replicas, from `serve.*`."""
+    return {"min_replicas": settings.min_replicas, "max_replicas": settings.max_replicas,
+            "target_ongoing_requests": settings.target_ongoing_requests,
+            "upscale_delay_s": settings.upscale_delay_s, "downscale_delay_s": settings.downscale_delay_s,
+            "look_back_period_s": settings.autoscale_look_back_s}
 
 
 def api_key(config: Config) -> str | None:

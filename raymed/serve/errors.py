@@ -10,12 +10,15 @@ from __future__ import annotations
 from pydantic import ValidationError
 from starlette.responses import JSONResponse
 
+from raymed.serve.safety import redact
+
 
 class APIError(Exception):
     """An error the API returns as it is (status, OpenAI error type, offending field)."""
 
     def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",
                  param: str | None = None, code: str | None = None, headers: dict | None = None):
+        message = redact(message)  # an echoed value must not carry a personal identifier
         super().__init__(message)
         self.status = status
         self.message = message

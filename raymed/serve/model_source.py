@@ -28,6 +28,10 @@ class ServedModel:
     version: str | None = None
     """The registry version pinned (None when serving a directory directly)."""
 
+    def fingerprint(self) -> str:
+        """What answers report as `system_fingerprint`: the name and the pinned version (or directory)."""
+        return f"{self.name}:{self.version or Path(self.directory).name}"
+
 REGISTRY_MODEL = "current"
 
 
