@@ -100,6 +100,24 @@ class CompletionRequest(_SamplingFields):
         return prompt
 
 
+def openapi_body(model: type[BaseModel]) -> dict[str, Any]:
+    """`openapi_extra` for a route that parses its own body: the model's JSON schema as the
+    required JSON request body (nested models inlined, so the schema needs no components)."""
+    schema = model.model_json_schema()
+    definitions = schema.pop("$defs", {})
+
+    def inline(node):
+        if isinstance(node, dict):
+            if "$ref" in node:
+                return inline(definitions[node["$ref"].rsplit("/", 1)[-1]])
+            return {key: inline(value) for key, value in node.items()}
+        if isinstance(node, list):
+            return [inline(item) for item in node]
+        return node
+
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": inline(schema)}}}}
+
+
 def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens}
