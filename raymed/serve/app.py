@@ -282,11 +282,13 @@ class Gateway:
     def _job(self, request_id: str, body, prompt_ids: list[int]) -> dict:
         """The replica's work order, after the length checks OpenAI makes."""
         context = self.model.context_length
+        prompt_param = "messages" if isinstance(body, ChatCompletionRequest) else "prompt"
+        if not prompt_ids:  # e.g. only control characters, which the tokenizer drops
+            raise errors.bad_request("The prompt encodes to no tokens", param=prompt_param, code="empty_prompt")
         if len(prompt_ids) >= context:
             raise errors.bad_request(
                 f"The prompt is {len(prompt_ids)} tokens; this model's context is {context} tokens",
-                param="messages" if isinstance(body, ChatCompletionRequest) else "prompt",
-                code="context_length_exceeded")
+                param=prompt_param, code="context_length_exceeded")
         room = context - len(prompt_ids)
         requested = body.requested_max_tokens()
         if requested is not None and requested > room:
