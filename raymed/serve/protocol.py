@@ -15,6 +15,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 Temperature = Annotated[float, Field(ge=0, le=2, allow_inf_nan=False)]
 TopP = Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)]
 MaxTokens = Annotated[int, Field(ge=1)]
+Seed = Annotated[int, Field(ge=-(2**63), le=2**64 - 1)]
+"""What torch's generators accept."""
 
 
 class _Body(BaseModel):
@@ -31,7 +33,7 @@ class _SamplingFields(_Body):
     temperature: Temperature = 1.0
     top_p: TopP = 1.0
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: Seed | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: Literal[1] = 1

@@ -93,6 +93,29 @@ def test_fuzzed_requests_never_get_a_5xx_and_errors_are_openai_shaped(case, url)
         assert response.text.rstrip().endswith("data: [DONE]"), (case.as_curl_command(), response.text)
 
 
+FOUND_BY_THE_FUZZER = [
+    # (id, route, body fields, status, param): each was a 500 (and failed its batch-mates) before
+    ("prompt-of-control-characters", "/v1/completions", {"prompt": "\x06"}, 400, "prompt"),
+    ("smallest-temperature", "/v1/chat/completions",
+     {"messages": [{"role": "user", "content": "Hi"}], "temperature": 5e-324}, 200, None),
+    ("seed-below-torch-range", "/v1/chat/completions",
+     {"messages": [{"role": "user", "content": "Hi"}], "seed": -(2**63) - 1}, 400, "seed"),
+    ("seed-above-torch-range", "/v1/completions", {"prompt": "Hi", "seed": 2**64}, 400, "seed"),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("route", "fields", "status", "param"), [case[1:] for case in FOUND_BY_THE_FUZZER],
+                         ids=[case[0] for case in FOUND_BY_THE_FUZZER])
+def test_inputs_the_fuzzer_found_are_answered_cleanly(url, route, fields, status, param):
+    body = {"model": MODEL, "max_tokens": 2, **fields}
+    response = requests.post(f"{url}{route}", json=body, headers=AUTH, timeout=60)
+    assert response.status_code == status, response.text
+    if status != 200:
+        error = response.json()["error"]
+        assert set(error) == ERROR_FIELDS and error["param"] == param
+
+
 @pytest.mark.slow
 def test_the_fuzzer_reached_the_model_and_the_validation(url):
     """Runs after the fuzzing: bodies that fit the schema were answered (200) on both
