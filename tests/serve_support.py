@@ -49,6 +49,10 @@ class Gate:
     def release(self) -> None:
         self._open.set()
 
+    def close(self) -> None:
+        """Hold requests that arrive from now on (those already let through go on)."""
+        self._open.clear()
+
     def waiting(self) -> int:
         return self._waiting
 

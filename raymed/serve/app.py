@@ -27,7 +27,8 @@ from fastapi import FastAPI, Request
 from pydantic import BaseModel, ValidationError
 from ray import serve
 from ray.serve.config import BackpressureConfig
-from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+from ray.exceptions import RayActorError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 
@@ -42,6 +43,7 @@ from raymed.serve.protocol import (
     chat_chunk,
     chat_completion,
     completion,
+    openapi_body,
     usage,
     usage_chunk,
 )
@@ -207,11 +209,11 @@ class Gateway:
     async def list_models(self, request: Request) -> Response:
         return await self._handle("models", request, self._models)
 
-    @api.post("/v1/chat/completions")
+    @api.post("/v1/chat/completions", openapi_extra=openapi_body(ChatCompletionRequest))
     async def chat_completions(self, request: Request) -> Response:
         return await self._handle("chat", request, self._chat)
 
-    @api.post("/v1/completions")
+    @api.post("/v1/completions", openapi_extra=openapi_body(CompletionRequest))
     async def completions(self, request: Request) -> Response:
         return await self._handle("completions", request, self._completions)
 
@@ -232,6 +234,9 @@ class Gateway:
             response = errors.overloaded(err.status_code, err.retry_after_s).response()
         except DeploymentUnavailableError:
             response = errors.overloaded(503, self.config.retry_after_s).response()
+        except (RayActorError, ReplicaUnavailableError):  # the replica died with the request on it
+            logger.warning("request %s lost its model replica", request_id, exc_info=True)
+            response = errors.replica_lost(request_id, self.config.retry_after_s).response()
         except Exception:
             logger.exception("request %s failed", request_id)
             response = errors.server_error(request_id).response()
@@ -311,11 +316,13 @@ class Gateway:
     def _job(self, request_id: str, body, prompt_ids: list[int]) -> dict:
         """The replica's work order, after the length checks OpenAI makes."""
         context = self.model.context_length
+        prompt_param = "messages" if isinstance(body, ChatCompletionRequest) else "prompt"
+        if not prompt_ids:  # e.g. only control characters, which the tokenizer drops
+            raise errors.bad_request("The prompt encodes to no tokens", param=prompt_param, code="empty_prompt")
         if len(prompt_ids) >= context:
             raise errors.bad_request(
                 f"The prompt is {len(prompt_ids)} tokens; this model's context is {context} tokens",
-                param="messages" if isinstance(body, ChatCompletionRequest) else "prompt",
-                code="context_length_exceeded")
+                param=prompt_param, code="context_length_exceeded")
         room = context - len(prompt_ids)
         requested = body.requested_max_tokens()
         if requested is not None and requested > room:
@@ -397,6 +404,15 @@ class Gateway:
             yield "data: [DONE]\n\n"
         except StopAsyncIteration:  # the replica ended the stream without a finish event
             yield _sse(errors.server_error(request_id).body())
+        except (RayActorError, ReplicaUnavailableError):  # the replica died mid-stream
+            logger.warning("request %s lost its model replica mid-stream", request_id, exc_info=True)
+            yield _sse(errors.replica_lost(request_id, self.config.retry_after_s).body())
+        except Exception:
+            logger.exception("request %s failed mid-stream", request_id)
+            yield _sse(errors.server_error(request_id).body())
+        except (asyncio.CancelledError, GeneratorExit):  # the client went away
+            self.metrics.cancelled.labels(route).inc()
+            raise
         finally:
             events.cancel()  # a no-op when finished; frees the slot when the client went away
 

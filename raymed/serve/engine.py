@@ -95,6 +95,8 @@ class BatchingEngine:
     async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[TokenEvent]:
         """Stream one request's tokens. Closing the iterator early (a client that went away)
         cancels the request: its row leaves the batch at the next step."""
+        if not prompt_ids:  # refused here, before it could fail the whole batch's step
+            raise ValueError(f"request {request_id} has an empty prompt")
         seq = _Sequence(request_id, list(prompt_ids), params, asyncio.Queue(), _generator(params.seed))
         self._waiting.append(seq)
         self.stats.waiting = len(self._waiting)
@@ -239,13 +241,15 @@ class BatchingEngine:
             layer.values = layer.values[index, :, first_used:]
 
     def _sample(self, logits: torch.Tensor, rows: list[_Sequence]) -> list[int]:
-        logits = logits.float()
+        logits = logits.double()  # float64: temperatures down to the smallest float divide cleanly
         tokens = []
         for row, seq in zip(logits, rows):
             if seq.params.temperature == 0:
                 tokens.append(int(row.argmax()))
                 continue
-            probs = _top_p(torch.softmax(row / seq.params.temperature, dim=-1), seq.params.top_p)
+            # Shifted so the largest logit is 0: a tiny temperature then gives -inf, not inf - inf = NaN.
+            scaled = (row - row.max()) / seq.params.temperature
+            probs = _top_p(torch.softmax(scaled, dim=-1), seq.params.top_p)
             tokens.append(int(torch.multinomial(probs.cpu(), 1, generator=seq.generator)))
         return tokens
 

@@ -77,6 +77,13 @@ def overloaded(status: int, retry_after_s: float | None) -> APIError:
                     type=kind, code="overloaded", headers=headers)
 
 
+def replica_lost(request_id: str, retry_after_s: float) -> APIError:
+    """The model replica died with the request on it (Serve replaces it): retrying is safe."""
+    return APIError(503, f"The model replica serving request {request_id} failed; retry the request",
+                    type="server_error", code="replica_failed",
+                    headers={"Retry-After": str(max(1, round(retry_after_s)))})
+
+
 def timed_out(seconds: float) -> APIError:
     return APIError(504, f"The request did not finish within {seconds:g} s", type="timeout_error", code="timeout")
 

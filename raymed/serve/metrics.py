@@ -53,6 +53,8 @@ class IngressMetrics:
                                      registry=self.registry)
         self.completion_tokens = Counter("raymed_completion_tokens", "Generated tokens of finished requests",
                                          registry=self.registry)
+        self.cancelled = Counter("raymed_requests_cancelled", "Streams whose client went away before the end",
+                                 ["route"], registry=self.registry)
 
     def render(self, replica_snapshots: dict[str, dict]) -> bytes:
         replicas = CollectorRegistry(auto_describe=False)

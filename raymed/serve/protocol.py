@@ -15,6 +15,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 Temperature = Annotated[float, Field(ge=0, le=2, allow_inf_nan=False)]
 TopP = Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)]
 MaxTokens = Annotated[int, Field(ge=1)]
+Seed = Annotated[int, Field(ge=-(2**63), le=2**64 - 1)]
+"""What torch's generators accept."""
 
 
 class _Body(BaseModel):
@@ -31,7 +33,7 @@ class _SamplingFields(_Body):
     temperature: Temperature = 1.0
     top_p: TopP = 1.0
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: Seed | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: Literal[1] = 1
@@ -98,6 +100,24 @@ class CompletionRequest(_SamplingFields):
         if not prompt:
             raise ValueError("the prompt is empty")
         return prompt
+
+
+def openapi_body(model: type[BaseModel]) -> dict[str, Any]:
+    """`openapi_extra` for a route that parses its own body: the model's JSON schema as the
+    required JSON request body (nested models inlined, so the schema needs no components)."""
+    schema = model.model_json_schema()
+    definitions = schema.pop("$defs", {})
+
+    def inline(node):
+        if isinstance(node, dict):
+            if "$ref" in node:
+                return inline(definitions[node["$ref"].rsplit("/", 1)[-1]])
+            return {key: inline(value) for key, value in node.items()}
+        if isinstance(node, list):
+            return [inline(item) for item in node]
+        return node
+
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": inline(schema)}}}}
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
