@@ -226,10 +226,13 @@ def data_stage(config: Config) -> dict:
 
 
 def load_blocks(config: Config) -> dict:
-    """The data stage's packed blocks as Ray Datasets keyed `train` and `validation`."""
+    """The data stage's packed blocks as Ray Datasets keyed `train` and `validation`, read
+    into the object store now: once training starts, its workers may hold every CPU, and a
+    read task scheduled then would wait forever (as the data stage's own output does)."""
     import ray.data
 
-    return {split: ray.data.read_parquet(str(data_dir(config) / split)) for split in ("train", "validation")}
+    return {split: ray.data.read_parquet(str(data_dir(config) / split)).materialize()
+            for split in ("train", "validation")}
 
 
 def train_stage(config: Config) -> dict:
