@@ -149,10 +149,6 @@ class PipelineResult:
     stages: dict[str, StageRun]
     directory: Path
 
-    @property
-    def answer(self) -> dict:
-        return self.stages["ask"].outputs
-
     def timings(self) -> dict[str, dict]:
         return {name: {"status": s.status, "seconds": round(s.seconds, 2)} for name, s in self.stages.items()}
 
@@ -171,6 +167,7 @@ def run_pipeline(config: Config, log: Callable[[str], None] = print) -> Pipeline
 
 
 def raymed_stages(config: Config, log: Callable[[str], None]) -> list[Stage]:
+    """The pipeline's stages for `config`, each with the config fields it depends on."""
     c = config
     training = {"model": c.model.model_dump(), "train": c.train.model_dump(), "seed": c.seed,
                 "tune": c.tune.model_dump() if c.pipeline.tune else None}
