@@ -63,6 +63,9 @@ class DataConfig(_Section):
     """Size of the Ray Data actor pool that tokenizes (one tokenizer per actor)."""
     deterministic: bool = False
     """Same seed → same batches on the same rank in the same order (for resume and tests)."""
+    max_validation_records: int | None = Field(None, ge=1)
+    """Read only the first N records of the validation file (needs one: `validation_path`,
+    or a cached corpus, which has one); every validation pass gets that much cheaper."""
 
 
 class TrainConfig(_Section):

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from raymed.config import load_config
+from raymed.errors import RaymedError
 from raymed.pipeline import Stage, StageFailed, raymed_stages, read_record, run_stages
 
 REPO = Path(__file__).resolve().parent.parent
@@ -90,6 +91,21 @@ def test_a_failing_stage_names_itself_and_a_rerun_continues_from_it(tmp_path):
     assert chain.calls == {"a": 1, "b": 1, "c": 1}
 
 
+def test_an_always_run_stage_with_the_same_outputs_leaves_downstream_skipped(tmp_path):
+    chain = Chain(tmp_path)
+    produced = {"digest": "d1"}
+    check = Stage("check", lambda up: dict(produced), inputs=None)
+
+    def run() -> dict[str, str]:
+        stages = [check, chain.stage("a", ("check",)), chain.stage("b", ("a",))]
+        return statuses(run_stages(stages, tmp_path / "records", log=lambda line: None))
+
+    assert run() == {"check": "ran", "a": "ran", "b": "ran"}
+    assert run() == {"check": "ran", "a": "skipped", "b": "skipped"}
+    produced["digest"] = "d2"  # e.g. a rebuilt corpus
+    assert run() == {"check": "ran", "a": "ran", "b": "ran"}
+
+
 def test_a_torn_record_counts_as_not_done(tmp_path):
     chain = Chain(tmp_path)
     chain.run()
@@ -134,3 +150,22 @@ def test_the_job_fails_fast_on_a_missing_config_before_touching_ray(tmp_path):
     assert f"config '{tmp_path / 'missing.yaml'}' not found" in done.stderr
     assert "Connecting to existing Ray cluster" not in done.stderr + done.stdout
     assert time.monotonic() - started < 60
+
+
+@pytest.mark.slow
+def test_max_validation_records_reads_only_the_first_records(ray_cluster, smollm2_tokenizer, tmp_path):
+    from raymed.data.pipeline import build_datasets
+
+    def write(name: str, count: int) -> Path:
+        path = tmp_path / name
+        path.write_text("".join(json.dumps({"question": f"What is sign {i}?", "answer": f"Sign {i} is a rash."}) + "\n"
+                                for i in range(count)))
+        return path
+
+    train, validation = write("train.jsonl", 40), write("validation.jsonl", 30)
+    config = load_config("ci-tiny", [f"data.train_path={train}", f"data.validation_path={validation}",
+                                     "data.block_size=64", "data.max_validation_records=5"])
+    _, stats = build_datasets(config)
+    assert stats.rows_read == stats.kept == 45
+    with pytest.raises(RaymedError, match="needs a validation file"):
+        build_datasets(config.model_copy(update={"data": config.data.model_copy(update={"validation_path": None})}))
