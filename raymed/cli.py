@@ -157,6 +157,20 @@ def _parser() -> argparse.ArgumentParser:
                       help="ask TEXT and exit (repeatable: one conversation); without it, read questions from stdin")
     chat.set_defaults(run=_run_chat)
 
+    pipeline = commands.add_parser(
+        "pipeline",
+        help="assets → data → train or sweep → evaluate → promote → deploy → one answer; reruns skip finished stages",
+        description="Run every stage under <storage_path>/runs/<run_name>/ on a local Ray (or RAY_ADDRESS), "
+        "deploy the registry's current version on Serve and print its answer to pipeline.question. A stage "
+        "whose inputs (config fields, data, upstream stages) are unchanged since it last finished is skipped. "
+        "Without --config: the gpu preset when CUDA is available, else cpu-demo. On a local Ray it then serves "
+        "until Ctrl-C; on a cluster (RAY_ADDRESS, a job) the deployment stays up after it returns.",
+    )
+    pipeline.add_argument("--no-serve", action="store_true",
+                          help="shut Serve down after the answer instead of leaving the assistant serving")
+    _add_config_args(pipeline)
+    pipeline.set_defaults(run=_run_pipeline)
+
     config = commands.add_parser(
         "config",
         help="validate a config and print it resolved",
@@ -353,11 +367,6 @@ def _run_registry_rollback(args: argparse.Namespace) -> int:
 
 
 def _run_serve(args: argparse.Namespace) -> int:
-    import signal
-    import time
-
-    from ray import serve
-
     from raymed.config import load_config
     from raymed.serve.deploy import deploy
 
@@ -367,6 +376,15 @@ def _run_serve(args: argparse.Namespace) -> int:
           f"(auth {'on' if deployment.auth else 'off'}); chat page at {deployment.url.removesuffix('/v1')}/", flush=True)
     if args.deploy:
         return 0
+    _serve_until_interrupted()
+
+
+def _serve_until_interrupted() -> None:
+    import signal
+    import time
+
+    from ray import serve
+
     print("raymed: Ctrl-C stops", flush=True)
     signal.signal(signal.SIGTERM, _interrupt)  # stop as on Ctrl-C (also when started in the background)
     try:
@@ -374,6 +392,38 @@ def _run_serve(args: argparse.Namespace) -> int:
             time.sleep(3600)
     finally:
         serve.shutdown()
+
+
+def _run_pipeline(args: argparse.Namespace) -> int:
+    import os
+
+    from raymed.config import load_config
+    from raymed.pipeline import run_pipeline
+
+    source = args.config or _hardware_preset()
+    config = load_config(source, args.overrides)  # a bad or missing config fails before Ray starts
+    on_cluster = bool(os.environ.get("RAY_ADDRESS"))
+    result = run_pipeline(config)
+    deployment = result.stages["deploy"].outputs
+    if args.no_serve:
+        from ray import serve
+
+        serve.shutdown()
+        print(f"raymed: pipeline done ({result.directory}); Serve stopped (--no-serve)", flush=True)
+        return 0
+    print(f"raymed: pipeline done ({result.directory}); serving {deployment['model']} "
+          f"{deployment['version'] or ''} at {deployment['url']}", flush=True)
+    if not on_cluster:
+        _serve_until_interrupted()  # the local Ray, and Serve with it, ends with this process
+    return 0
+
+
+def _hardware_preset() -> str:
+    import torch
+
+    preset = "gpu" if torch.cuda.is_available() else "cpu-demo"
+    print(f"raymed: no --config given: using the {preset} preset", flush=True)
+    return preset
 
 
 def _interrupt(signum, frame):

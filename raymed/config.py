@@ -63,6 +63,9 @@ class DataConfig(_Section):
     """Size of the Ray Data actor pool that tokenizes (one tokenizer per actor)."""
     deterministic: bool = False
     """Same seed → same batches on the same rank in the same order (for resume and tests)."""
+    max_validation_records: int | None = Field(None, ge=1)
+    """Read only the first N records of the validation file (needs one: `validation_path`,
+    or a cached corpus, which has one); every validation pass gets that much cheaper."""
 
 
 class TrainConfig(_Section):
@@ -295,6 +298,18 @@ class ServeConfig(_Section):
         return self
 
 
+class PipelineConfig(_Section):
+    """`raymed pipeline` / `jobs/pipeline.py`: which training stage runs, and the question
+    asked of the deployed model at the end."""
+
+    tune: bool = False
+    """Train with a Ray Tune sweep (the `tune` section) instead of one fine-tune."""
+    question: str = Field("What are the common symptoms of iron deficiency anemia?", min_length=1)
+    """The medical question sent to the served model once it is deployed."""
+    max_tokens: int = Field(48, ge=1)
+    """The answer's length limit (new tokens)."""
+
+
 class Config(_Section):
     """Everything a raymed run needs."""
 
@@ -309,6 +324,7 @@ class Config(_Section):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
+    pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
     trial_name: str | None = None
     """Set by `raymed tune` for each trial (its Ray Train run lives under the sweep); leave unset."""
 

@@ -61,7 +61,10 @@ def build_datasets(config: Config) -> tuple[dict[str, ray.data.Dataset], DataSta
     train_path, validation_path = resolve_corpus(data.train_path, data.validation_path)
     raw = read_records(train_path)
     if validation_path:
-        raw = raw.union(read_records(validation_path, split="validation"))
+        raw = raw.union(_validation_records(validation_path, data.max_validation_records))
+    elif data.max_validation_records:
+        raise RaymedError(f"data.max_validation_records needs a validation file: {train_path} has none "
+                          "(set data.validation_path)")
     shape = data.shape if data.shape != "auto" else _detect(raw)
     tokenizer_path = resolve_pretrained(config.model.tokenizer or config.model.name)
     examples = raw.map_batches(
@@ -94,6 +97,12 @@ def build_datasets(config: Config) -> tuple[dict[str, ray.data.Dataset], DataSta
     if stats.blocks["train"] == 0:
         raise RaymedError(f"no training examples left in {train_path} ({_reasons(stats.bad) or 'empty'})")
     return datasets, stats
+
+
+def _validation_records(path: str, limit: int | None) -> ray.data.Dataset:
+    """The validation file's rows; with `limit`, only its first `limit` (one file: a fixed set)."""
+    records = read_records(path, split="validation")
+    return records.limit(limit) if limit else records
 
 
 def _sorted_in_fixed_groups(examples: ray.data.Dataset) -> ray.data.Dataset:

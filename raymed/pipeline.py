@@ -1,0 +1,376 @@
+"""The end-to-end pipeline: assets → data → train (one fine-tune, or a sweep) → evaluate →
+promote → deploy → ask, all under one run directory, `<storage_path>/runs/<run_name>/`:
+
+    pipeline/<stage>.json   each stage's record: status, fingerprint, outputs, seconds
+    pipeline/summary.json   the last run: per stage, ran or skipped, and its wall time
+    data/{train,validation}/  the packed token blocks (parquet)
+    train/ or tune/         Ray Train's checkpoints, or the sweep (raymed.train, raymed.sweep)
+    eval/                   the candidate's evaluation report
+    promote/                the gate's report (candidate against the registry's current version)
+
+A stage's fingerprint hashes the config fields it depends on and its upstream stages'
+fingerprints (the assets stage's is a hash of the built files' checksums, so a changed
+corpus counts). A stage whose record is complete, whose fingerprint matches and whose
+output paths exist is skipped; otherwise it runs: after a crash with the same inputs it
+continues (training resumes from its latest checkpoint, a sweep from its experiment),
+after a change of inputs its stale outputs are removed first. `assets` (a cheap checksum
+check that builds only what is missing), `deploy` and `ask` (their outputs live in the
+cluster, not on disk) run every time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+import urllib.request
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from raymed.config import Config
+from raymed.errors import RaymedError, last_line
+
+RECORDS_DIR = "pipeline"
+SUMMARY_FILE = "summary.json"
+
+
+class StageFailed(RaymedError):
+    """A stage raised: the message names the stage and the cause."""
+
+    def __init__(self, stage: str, cause: BaseException, completed: list[str]):
+        self.stage = stage
+        done = f"completed stages ({', '.join(completed)}) are skipped" if completed else "nothing completed yet"
+        super().__init__(f"pipeline stage {stage!r} failed: {last_line(cause)} "
+                         f"(rerun with the same run_name to continue from {stage}: {done})")
+
+
+@dataclass
+class Stage:
+    """One step of the pipeline. `run` takes the upstream stages' outputs (by name) and
+    returns this stage's outputs as JSON-able data; paths listed under `outputs["paths"]`
+    must still exist for the stage to count as complete."""
+
+    name: str
+    run: Callable[[dict[str, dict]], dict]
+    inputs: Callable[[], dict] | None
+    """What the stage depends on besides its upstream stages (config fields, data digests);
+    None for a stage that runs every time and is fingerprinted by its outputs."""
+    upstream: tuple[str, ...] = ()
+    clear: Callable[[], None] | None = None
+    """Removes the stage's outputs before it re-runs on changed inputs."""
+
+
+@dataclass
+class StageRun:
+    name: str
+    status: str  # "ran" or "skipped"
+    seconds: float
+    fingerprint: str
+    outputs: dict = field(repr=False)
+
+
+def fingerprint(value) -> str:
+    """SHA-256 of a JSON-able value (keys sorted, so dict order does not matter)."""
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def run_stages(stages: list[Stage], records: Path, log: Callable[[str], None] = print) -> dict[str, StageRun]:
+    """Run `stages` in order, skipping the complete ones whose fingerprint matches their
+    record; each stage's record is written to `records/<name>.json`."""
+    records.mkdir(parents=True, exist_ok=True)
+    done: dict[str, StageRun] = {}
+    for stage in stages:
+        upstream = {name: done[name].fingerprint for name in stage.upstream}
+        expected = fingerprint({"inputs": stage.inputs(), "upstream": upstream}) if stage.inputs else None
+        record = read_record(records, stage.name)
+        if expected and is_complete(record, expected):
+            log(f"[pipeline] {stage.name}: skipped (up to date, fingerprint {expected[:12]})")
+            done[stage.name] = StageRun(stage.name, "skipped", 0.0, expected, record["outputs"])
+            continue
+        if expected and record and record["fingerprint"] != expected and stage.clear:
+            log(f"[pipeline] {stage.name}: inputs changed since the last run, removing its outputs")
+            stage.clear()
+        done[stage.name] = _run_one(stage, expected, done, records, log)
+    return done
+
+
+def _run_one(stage: Stage, expected: str | None, done: dict[str, StageRun], records: Path,
+             log: Callable[[str], None]) -> StageRun:
+    log(f"[pipeline] {stage.name}: running")
+    write_record(records, stage.name, {"status": "running", "fingerprint": expected})
+    started = time.monotonic()
+    try:
+        outputs = stage.run({name: done[name].outputs for name in stage.upstream})
+    except Exception as err:
+        write_record(records, stage.name, {"status": "failed", "fingerprint": expected, "error": last_line(err)})
+        raise StageFailed(stage.name, err, [name for name in done]) from err
+    seconds = time.monotonic() - started
+    final = expected or fingerprint({"outputs": outputs})
+    write_record(records, stage.name, {"status": "done", "fingerprint": final, "outputs": outputs,
+                                       "seconds": round(seconds, 2), "finished": time.time()})
+    log(f"[pipeline] {stage.name}: done in {seconds:.1f} s")
+    return StageRun(stage.name, "ran", seconds, final, outputs)
+
+
+def is_complete(record: dict | None, expected: str) -> bool:
+    """A finished record with this fingerprint whose output paths all still exist."""
+    return (record is not None and record.get("status") == "done" and record.get("fingerprint") == expected
+            and all(Path(p).exists() for p in record["outputs"].get("paths", [])))
+
+
+def read_record(records: Path, name: str) -> dict | None:
+    path = records / f"{name}.json"
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return None  # a torn write: the stage runs again
+
+
+def write_record(records: Path, name: str, record: dict) -> None:
+    """Written to a temporary file and renamed, so a crash never leaves half a record."""
+    path = records / f"{name}.json"
+    temporary = path.with_suffix(".json.tmp")
+    temporary.write_text(json.dumps({"stage": name, **record}, indent=1) + "\n")
+    temporary.replace(path)
+
+
+# ---------------------------------------------------------------- raymed's stages
+
+def run_dir(config: Config) -> Path:
+    return Path(config.storage_path).expanduser() / "runs" / config.run_name
+
+
+@dataclass
+class PipelineResult:
+    stages: dict[str, StageRun]
+    directory: Path
+
+    def timings(self) -> dict[str, dict]:
+        return {name: {"status": s.status, "seconds": round(s.seconds, 2)} for name, s in self.stages.items()}
+
+
+def run_pipeline(config: Config, log: Callable[[str], None] = print) -> PipelineResult:
+    """Every stage for `config`, on the Ray cluster in reach (RAY_ADDRESS) or a local one;
+    leaves the model deployed on Serve."""
+    directory = run_dir(config)
+    log(f"[pipeline] run directory: {directory}")
+    started = time.monotonic()
+    stages = run_stages(raymed_stages(config, log), directory / RECORDS_DIR, log)
+    result = PipelineResult(stages, directory)
+    summary = {"run": config.run_name, "seconds": round(time.monotonic() - started, 2), "stages": result.timings()}
+    (directory / RECORDS_DIR / SUMMARY_FILE).write_text(json.dumps(summary, indent=1) + "\n")
+    return result
+
+
+def raymed_stages(config: Config, log: Callable[[str], None]) -> list[Stage]:
+    """The pipeline's stages for `config`, each with the config fields it depends on."""
+    c = config
+    training = {"model": c.model.model_dump(), "train": c.train.model_dump(), "seed": c.seed,
+                "tune": c.tune.model_dump() if c.pipeline.tune else None}
+    return [
+        Stage("assets", lambda up: assets_stage(), inputs=None),
+        Stage("data", lambda up: data_stage(c), upstream=("assets",), clear=lambda: _remove(data_dir(c)),
+              inputs=lambda: {"data": c.data.model_dump(), "tokenizer": c.model.tokenizer or c.model.name,
+                              "seed": c.seed, "corpus": _corpus_digest(c)}),
+        Stage("train", lambda up: train_stage(c), upstream=("data",), clear=lambda: _remove_training(c),
+              inputs=lambda: training),
+        Stage("evaluate", lambda up: evaluate_stage(c, up["train"]), upstream=("train",),
+              clear=lambda: _remove(run_dir(c) / "eval"),
+              inputs=lambda: {"eval": c.eval.model_dump(), "data": c.data.model_dump(), "seed": c.seed}),
+        Stage("promote", lambda up: promote_stage(c, up["train"], log), upstream=("train", "evaluate"),
+              clear=lambda: _remove(run_dir(c) / "promote"),
+              inputs=lambda: {"eval": c.eval.model_dump(), "registry": c.registry.model_dump(),
+                              "storage": c.storage_path}),
+        Stage("deploy", lambda up: deploy_stage(c), inputs=None, upstream=("promote",)),
+        Stage("ask", lambda up: ask_stage(c, up["deploy"], up["promote"], log), inputs=None,
+              upstream=("deploy", "promote")),
+    ]
+
+
+def assets_stage() -> dict:
+    """Build what is missing from RAYMED_CACHE (a checksum check when all is there)."""
+    from raymed.assets import ASSETS, build_assets
+    from raymed.assets.cache import default_cache_dir, read_manifest
+
+    statuses = build_assets()
+    built = [s.name for s in statuses if s.state == "built"]
+    print(f"[pipeline] assets built: {', '.join(built)}" if built else "[pipeline] assets: all present and intact")
+    root = default_cache_dir()
+    files = {asset.name: (read_manifest(asset, root) or {}).get("files") for asset in ASSETS}
+    return {"cache": str(root), "digest": fingerprint(files)}  # the same files: the same fingerprint
+
+
+def data_dir(config: Config) -> Path:
+    return run_dir(config) / "data"
+
+
+def data_stage(config: Config) -> dict:
+    """Tokenize and pack the corpus with Ray Data; write the blocks as parquet."""
+    from raymed.data.pipeline import build_datasets
+
+    ensure_ray()
+    datasets, stats = build_datasets(config)
+    paths = []
+    for split, dataset in datasets.items():
+        out = data_dir(config) / split
+        dataset.write_parquet(str(out))
+        paths.append(str(out))
+    summary = {k: v for k, v in asdict(stats).items() if k != "example_lengths"}
+    return {"paths": paths, "stats": summary | {"packing_efficiency": round(stats.packing_efficiency, 4)}}
+
+
+def load_blocks(config: Config) -> dict:
+    """The data stage's packed blocks as Ray Datasets keyed `train` and `validation`, read
+    into the object store now: once training starts, its workers may hold every CPU, and a
+    read task scheduled then would wait forever (as the data stage's own output does)."""
+    import ray.data
+
+    return {split: ray.data.read_parquet(str(data_dir(config) / split)).materialize()
+            for split in ("train", "validation")}
+
+
+def train_stage(config: Config) -> dict:
+    """One Ray Train fine-tune, or (pipeline.tune) a Ray Tune sweep; the best checkpoint."""
+    ensure_ray()
+    datasets = load_blocks(config)
+    if config.pipeline.tune:
+        from ray import tune
+
+        from raymed.sweep import EXPERIMENT, run_sweep, sweep_dir
+
+        resume = tune.Tuner.can_restore(str(sweep_dir(config) / EXPERIMENT))
+        result = run_sweep(config, datasets, resume=resume)
+        best = result.best
+        return {"candidate": best.best_checkpoint, "source": f"{config.run_name}/tune/{best.trial}",
+                "metrics": {config.tune.metric: best.best, "step": best.best_step}, "paths": [best.best_checkpoint]}
+    from raymed.train import fit
+
+    result = fit(config, datasets)
+    checkpoint = _best_checkpoint(result, config)
+    return {"candidate": checkpoint, "source": f"{config.run_name}/train", "metrics": result.metrics or {},
+            "paths": [checkpoint]}
+
+
+def _best_checkpoint(result, config: Config) -> str:
+    try:
+        checkpoint = result.get_best_checkpoint(config.tune.metric, config.tune.mode)
+    except (RuntimeError, ValueError):  # no checkpoint reported the metric
+        checkpoint = None
+    checkpoint = checkpoint or result.checkpoint
+    if checkpoint is None:
+        raise RaymedError("training reported no checkpoint")
+    return checkpoint.path
+
+
+def evaluate_stage(config: Config, trained: dict) -> dict:
+    """The candidate's validation metrics on the data stage's validation blocks and its
+    multiple-choice accuracy, both as Ray Data batch inference."""
+    import numpy as np
+
+    from raymed.eval import (ModelEval, build_report, load_items, mcq_metrics, resolve_items_path,
+                             resolve_model_dir, score_blocks, score_items, write_report)
+
+    ensure_ray()
+    models = {"candidate": resolve_model_dir(trained["candidate"])}
+    items_path = resolve_items_path(config.eval.mcq_path)
+    items = load_items(items_path, max_items=config.eval.max_items, seed=config.seed)
+    validation = {"candidate": load_blocks(config)["validation"]}
+    metrics = score_blocks(models, validation, config.eval)["candidate"]
+    picks = score_items(models, items, config.eval)["candidate"]
+    correct = picks == np.array([item["answer"] for item in items])
+    result = ModelEval("candidate", str(models["candidate"]), metrics | mcq_metrics(items, correct), picks, correct)
+    report = build_report(config, items, {"candidate": result}, items_path=str(items_path))
+    path, _ = write_report(report, run_dir(config) / "eval")
+    return {"metrics": result.metrics, "report": str(path), "paths": [str(path)]}
+
+
+def promote_stage(config: Config, trained: dict, log: Callable[[str], None]) -> dict:
+    """The gate: the candidate against the registry's current version; promoted if better."""
+    from raymed.promote import promote_best
+
+    ensure_ray()
+    result = promote_best([trained["candidate"]], config, source=trained["source"],
+                          out_dir=run_dir(config) / "promote")
+    log(f"[pipeline] gate: {result.reason}")
+    return {"accepted": result.accepted, "reason": result.reason, "version": result.version,
+            "previous": result.previous, "current": result.current, "report": str(result.report_path),
+            "paths": [str(result.report_path)]}
+
+
+def deploy_stage(config: Config) -> dict:
+    """Deploy (or roll forward to) the registry's current version on Ray Serve."""
+    from raymed.serve.deploy import deploy
+
+    ensure_ray()
+    deployment = deploy(config)
+    return {"url": deployment.url, "model": deployment.model, "version": deployment.version,
+            "auth": deployment.auth}
+
+
+def ask_stage(config: Config, deployment: dict, promotion: dict, log: Callable[[str], None]) -> dict:
+    """One real chat request to the deployed endpoint; the answer and which version gave it."""
+    answer = ask(config, deployment["url"], deployment["model"], config.pipeline.question)
+    version = deployment["version"]
+    if promotion["accepted"] and version == promotion["version"]:
+        served = f"{deployment['model']} {version}, newly promoted"
+    else:
+        served = f"{deployment['model']} {version}, the current version"
+        if not promotion["accepted"]:
+            log(f"[pipeline] the candidate was not promoted: {promotion['reason']}")
+    log(f"[pipeline] question: {config.pipeline.question}")
+    log(f"[pipeline] answer from {served} ({deployment['url']}):\n{answer}")
+    return {"question": config.pipeline.question, "answer": answer, "model": deployment["model"],
+            "version": version, "url": deployment["url"]}
+
+
+def ask(config: Config, url: str, model: str, question: str, timeout_s: float = 300) -> str:
+    """POST /chat/completions (greedy) and return the answer's text."""
+    from raymed.serve.app import api_key
+
+    body = {"model": model, "messages": [{"role": "user", "content": question}],
+            "max_tokens": config.pipeline.max_tokens, "temperature": 0}
+    headers = {"Content-Type": "application/json"}
+    key = api_key(config)
+    if key:
+        headers["Authorization"] = f"Bearer {key}"
+    request = urllib.request.Request(f"{url}/chat/completions", data=json.dumps(body).encode(), headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=timeout_s) as response:
+            reply = json.loads(response.read())
+    except urllib.error.HTTPError as err:
+        raise RaymedError(f"{url}/chat/completions answered {err.code}: {err.read()[:300]!r}") from None
+    except OSError as err:
+        raise RaymedError(f"no answer from {url}/chat/completions: {err}") from None
+    return reply["choices"][0]["message"]["content"]
+
+
+def ensure_ray() -> None:
+    """Join RAY_ADDRESS's cluster (a job's own), or start a local one; workers' output (the
+    training progress) is forwarded."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(include_dashboard=False, configure_logging=False, log_to_driver=True)
+
+
+def _corpus_digest(config: Config) -> str:
+    from raymed.promote import data_fingerprint
+
+    digest = data_fingerprint(config)
+    return fingerprint([digest["sha256"], digest["not_hashed"]])
+
+
+def _remove_training(config: Config) -> None:
+    from raymed.sweep import sweep_dir
+    from raymed.train import train_dir
+
+    _remove(train_dir(config))
+    _remove(sweep_dir(config))
+
+
+def _remove(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
