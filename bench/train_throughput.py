@@ -15,7 +15,6 @@ import json
 import platform
 import tempfile
 import time
-from itertools import chain
 from pathlib import Path
 
 import ray
@@ -24,7 +23,7 @@ import torch
 from raymed.config import load_config, with_values
 from raymed.data.handoff import prefetched, rank_batches
 from raymed.data.pipeline import build_datasets
-from raymed.train import METRICS_FILE, apply_scope, build_model, fit, flops_per_token, load_tokenizer, train_dir
+from raymed.train import METRICS_FILE, apply_scope, build_model, endless_epochs, fit, flops_per_token, load_tokenizer, train_dir
 
 
 def plain_loop(config, train_ds, steps: int, profile: Path | None = None) -> dict:
@@ -38,8 +37,8 @@ def plain_loop(config, train_ds, steps: int, profile: Path | None = None) -> dic
                                   fused=config.train.use_gpu)
     forward = torch.compile(model) if config.train.compile else model
     torch.backends.cuda.matmul.allow_tf32 = True
-    batches = prefetched(chain.from_iterable(repeat_call(
-        lambda: rank_batches(train_ds, config.train.micro_batch_size, rank=0, world_size=1, deterministic=True))),
+    batches = prefetched(endless_epochs(
+        lambda: rank_batches(train_ds, config.train.micro_batch_size, rank=0, world_size=1, deterministic=True)),
         pin_memory=device.type == "cuda")
 
     def step() -> int:
@@ -85,12 +84,6 @@ def write_profile(step, device, path: Path, steps: int = 3) -> None:
             torch.cuda.synchronize()
     sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
     path.write_text(prof.key_averages().table(sort_by=sort, row_limit=25, max_name_column_width=60))
-
-
-def repeat_call(make):
-    """make(), make(), ... forever (one epoch of batches after another)."""
-    while True:
-        yield make()
 
 
 def ray_loop(config, datasets, steps: int) -> dict:

@@ -264,7 +264,7 @@ class WorkerLoop:
         from raymed.data.handoff import prefetched
 
         train = self.config.train
-        stream = prefetched(islice(_endless(lambda: self._batches("train")), self.position, None),
+        stream = prefetched(islice(endless_epochs(lambda: self._batches("train")), self.position, None),
                             pin_memory=self.device.type == "cuda")
         progress = tqdm(total=train.max_steps, initial=self.step, desc="train", disable=not self.rank0)
         self._restart_clocks()
@@ -390,7 +390,8 @@ def flops_per_token(model, block_size: int) -> float:
     return 6 * params + 12 * layers * heads * head_dim * block_size
 
 
-def _endless(make_epoch):
+def endless_epochs(make_epoch):
+    """make_epoch()'s items, one epoch after another, forever."""
     while True:
         yield from make_epoch()
 

@@ -102,3 +102,14 @@ def sse_events(response) -> list:
             return events
         events.append(json.loads(data))
     raise AssertionError(f"the stream ended without [DONE] after {len(events)} events")
+
+
+def metric(url, name, **labels) -> float:
+    """Sum of a Prometheus metric over the series that carry `labels`."""
+    wanted = [f'{key}="{value}"' for key, value in labels.items()]
+    total = 0.0
+    for line in requests.get(f"{url}/metrics", timeout=10).text.splitlines():
+        series, _, value = line.rpartition(" ")
+        if series.split("{")[0] == name and all(w in series for w in wanted):
+            total += float(value)
+    return total

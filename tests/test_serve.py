@@ -13,7 +13,7 @@ import time
 import pytest
 import requests
 import torch
-from serve_support import save_tiny_model, sse_events, start_app, wait_for, free_port
+from serve_support import metric, save_tiny_model, sse_events, start_app, wait_for, free_port
 
 from raymed.config import load_config
 from raymed.serve.safety import with_system_prompt
@@ -196,15 +196,6 @@ class _StreamReader(threading.Thread):
             pass
 
 
-def metric(url, name, **labels):
-    """Sum of a Prometheus metric over the series that carry `labels`."""
-    wanted = [f'{key}="{value}"' for key, value in labels.items()]
-    total = 0.0
-    for line in requests.get(f"{url}/metrics", timeout=10).text.splitlines():
-        series, _, value = line.rpartition(" ")
-        if series.split("{")[0] == name and all(w in series for w in wanted):
-            total += float(value)
-    return total
 
 
 @pytest.mark.slow
@@ -296,12 +287,15 @@ def test_wrong_method_and_unknown_route_are_openai_errors_too(url):
 @pytest.mark.slow
 def test_metrics_count_requests_tokens_and_latency(url):
     chat(url, max_tokens=4, temperature=0)
+    stream(url, "/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}],
+                                         "max_tokens": 4, "temperature": 0})  # TTFT is observed on streams
     text = requests.get(f"{url}/metrics", timeout=10).text
     assert 'raymed_requests_total{route="chat",status="200"}' in text
     assert "raymed_request_latency_seconds_bucket" in text
     assert "raymed_time_to_first_token_seconds_bucket" in text
     assert metric(url, "raymed_completion_tokens_total") >= 4
-    assert metric(url, "raymed_replica_generated_tokens_total") >= 4
+    # replicas report their counters periodically, so a fresh app shows them a little later
+    wait_for(lambda: metric(url, "raymed_replica_generated_tokens_total") >= 4, timeout=30)
 
 
 @pytest.mark.slow

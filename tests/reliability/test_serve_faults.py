@@ -17,7 +17,7 @@ import psutil
 import pytest
 import ray
 import requests
-from serve_support import Gate, free_port, save_tiny_model, start_app, wait_for
+from serve_support import metric, Gate, free_port, save_tiny_model, start_app, wait_for
 
 from raymed.config import load_config
 
@@ -84,15 +84,6 @@ def open_stream(url, max_tokens=LONG) -> tuple[requests.Response, object]:
     return response, lines
 
 
-def metric(url, name, **labels) -> float:
-    """Sum of a Prometheus metric over the series that carry `labels`."""
-    wanted = [f'{key}="{value}"' for key, value in labels.items()]
-    total = 0.0
-    for line in requests.get(f"{url}/metrics", timeout=10).text.splitlines():
-        series, _, value = line.rpartition(" ")
-        if series.split("{")[0] == name and all(w in series for w in wanted):
-            total += float(value)
-    return total
 
 
 def model_replicas() -> dict[str, ray.actor.ActorHandle]:
