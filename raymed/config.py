@@ -279,6 +279,9 @@ class ServeConfig(_Section):
     retry_after_s: int = Field(1, ge=0)
     max_batch_size: int = Field(16, ge=1)
     """Sequences decoded together on one replica; newcomers join between decode steps."""
+    cuda_graphs: bool = True
+    """On a GPU replica, replay each decode step as a CUDA graph (one per batch-size bucket,
+    captured on first use) instead of launching its kernels one by one from Python."""
     default_max_tokens: int = Field(256, ge=1)
     """`max_tokens` when a request gives none (capped by the model's context)."""
     request_timeout_s: float = Field(120, gt=0)

@@ -91,7 +91,7 @@ def test_a_newcomer_joins_between_decode_steps_and_a_cancelled_request_leaves(mo
     assert long_tokens_then < 1500  # the short one finished while the long one was still decoding
     assert engine.stats.cancelled == 1 and engine.stats.finished == {"length": 1}
     assert engine.stats.batch_size_buckets[0] < engine.stats.batch_size_buckets[1]  # steps with 2 rows
-    assert engine._cache is None and engine._mask is None  # the batch is empty, nothing held
+    assert engine._slots is None  # the batch is empty, nothing held
 
 
 def test_seeded_sampling_repeats_and_stop_strings_cut(model_and_tokenizer):

@@ -84,6 +84,7 @@ class ModelServer:
             model, tokenizer, max_batch_size=serve_config.max_batch_size,
             context_length=context_length(Path(model_dir)),
             eos_token_ids=eos_token_ids(model, tokenizer), on_step=self._mark_changed,
+            cuda_graphs=serve_config.cuda_graphs,
         )
         self.replica = serve.get_replica_context().replica_id.unique_id
         self._gate = admission_gate

@@ -1,9 +1,10 @@
-"""Continuous batching on one replica: one decode loop over a batched, left-padded KV cache.
+"""Continuous batching on one replica: one decode loop over a batch of KV-cache slots.
 
 Requests wait in a queue; between decode steps the loop prefills the newcomers (as one
-left-padded batch), merges their cache rows into the running batch, and drops the rows of
-finished or cancelled requests. So a request that arrives while a long batch decodes gets
-its first token after one prefill, not after the batch ends.
+left-padded batch), copies their keys and values into free slots of the running batch
+(raymed.serve.slots, where a GPU's decode step is a replayed CUDA graph), and frees the
+slots of finished or cancelled requests. So a request that arrives while a long batch
+decodes gets its first token after one prefill, not after the batch ends.
 
 The loop is one asyncio task per replica; each model step runs on a single worker thread,
 so the event loop keeps accepting requests and streaming tokens while torch computes.
@@ -13,15 +14,17 @@ Every request reads its tokens from its own asyncio queue.
 from __future__ import annotations
 
 import asyncio
-import inspect
 import logging
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
+
+from raymed.serve.slots import FIRST_COLUMNS, DecodeStep, SlotCache, cache_argument
 
 logger = logging.getLogger("ray.serve")
 
@@ -57,6 +60,9 @@ class _Sequence:
     queue: asyncio.Queue
     generator: torch.Generator | None
     generated: list[int] = field(default_factory=list)
+    decoded: str = ""  # the text of generated[:read_offset]
+    prefix_offset: int = 0  # where the decoding window starts (see BatchingEngine._text)
+    read_offset: int = 0
     emitted_text: str = ""
     finish_reason: str | None = None
     cancelled: bool = False
@@ -71,7 +77,7 @@ class BatchingEngine:
     """Generates for many requests at once on one model; see the module docstring."""
 
     def __init__(self, model, tokenizer, *, max_batch_size: int, context_length: int,
-                 eos_token_ids: set[int], on_step: Callable[[], None] | None = None):
+                 eos_token_ids: set[int], on_step: Callable[[], None] | None = None, cuda_graphs: bool = False):
         self.model = model
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
@@ -80,15 +86,15 @@ class BatchingEngine:
         self.on_step = on_step
         self.stats = EngineStats()
         self._waiting: deque[_Sequence] = deque()
-        self._running: list[_Sequence] = []
-        self._cache = None
-        self._mask: torch.Tensor | None = None
+        self._running: list[_Sequence] = []  # row i of the slots holds self._running[i]
+        self._slots: SlotCache | None = None
+        self._decode_step: DecodeStep | None = None
+        self.cuda_graphs = cuda_graphs and model.device.type == "cuda"
         self._wake = asyncio.Event()
         self._loop_task: asyncio.Task | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="raymed-decode")
-        # transformers 5.24 renamed `past_key_values` to `cache` (the old name warns).
-        parameters = inspect.signature(model.forward).parameters
-        self._cache_arg = "cache" if "cache" in parameters else "past_key_values"
+        self._cache_arg = cache_argument(model)
+        self._decode_ids = _text_decoder(tokenizer)
 
     # ---- the request side (event loop) ----
 
@@ -104,9 +110,7 @@ class BatchingEngine:
         self._wake.set()
         try:
             while True:
-                event = await seq.queue.get()
-                if isinstance(event, BaseException):
-                    raise event
+                event = _coalesce(await seq.queue.get(), seq.queue)
                 yield event
                 if event.finish_reason is not None:
                     return
@@ -155,7 +159,7 @@ class BatchingEngine:
         for seq in [*self._running, *newcomers]:
             seq.finish_reason = "error"
             seq.queue.put_nowait(err)
-        self._running, self._cache, self._mask = [], None, None
+        self._running, self._slots, self._decode_step = [], None, None
         self.stats.running = 0
 
     # ---- the model side (the decode thread) ----
@@ -182,8 +186,8 @@ class BatchingEngine:
         return [(seq, event) for seq, event in events if event is not None]
 
     def _prefill(self, newcomers: list[_Sequence]) -> torch.Tensor:
-        """Run the newcomers' prompts as one left-padded batch and merge their cache rows
-        into the running batch. Returns their last-position logits."""
+        """Run the newcomers' prompts as one left-padded batch and copy their keys and values
+        into the next free slots. Returns their last-position logits."""
         from transformers import DynamicCache
 
         width = max(len(seq.prompt_ids) for seq in newcomers)
@@ -195,58 +199,55 @@ class BatchingEngine:
         out = self.model(input_ids=input_ids.to(self.model.device), attention_mask=mask.to(self.model.device),
                          position_ids=positions.to(self.model.device), use_cache=True, logits_to_keep=1,
                          **{self._cache_arg: cache})
-        self._merge(cache, mask.to(self.model.device))
+        self._place([(layer.keys, layer.values) for layer in cache.layers], mask)
         self._running.extend(newcomers)
         self.stats.prefills += 1
         self.stats.prompt_tokens += int(mask.sum())
         return out.logits[:, -1, :]
 
-    def _merge(self, cache, mask: torch.Tensor) -> None:
-        """Append cache rows to the running batch, left-padding whichever side is shorter."""
-        if self._cache is None:
-            self._cache, self._mask = cache, mask
-            return
-        width = max(self._mask.shape[1], mask.shape[1])
-        for mine, theirs in zip(self._cache.layers, cache.layers, strict=True):
-            mine.keys = torch.cat([_left_pad(mine.keys, width), _left_pad(theirs.keys, width)])
-            mine.values = torch.cat([_left_pad(mine.values, width), _left_pad(theirs.values, width)])
-        self._mask = torch.cat([_left_pad(self._mask, width), _left_pad(mask, width)])
+    def _place(self, layers: list[tuple[torch.Tensor, torch.Tensor]], mask: torch.Tensor) -> None:
+        if self._slots is None:
+            self._slots = SlotCache(layers, rows=self.max_batch_size, columns=min(FIRST_COLUMNS, self.context_length + 1),
+                                    max_columns=self.context_length + 1)
+            self._decode_step = DecodeStep(self.model, self._cache_arg, self._slots, self.cuda_graphs)
+        if self._slots.make_room(len(self._running), mask.shape[1]):
+            self._decode_step.forget_graphs()
+        self._slots.place(len(self._running), layers, mask)
 
     def _decode(self) -> torch.Tensor:
         """Feed every running sequence its last token; returns next-token logits."""
-        device = self.model.device
-        last = torch.tensor([[seq.generated[-1]] for seq in self._running], device=device)
-        positions = torch.tensor([[seq.position] for seq in self._running], device=device)
-        self._mask = torch.cat([self._mask, self._mask.new_ones(len(self._running), 1)], dim=1)
-        out = self.model(input_ids=last, attention_mask=self._mask, position_ids=positions,
-                         use_cache=True, **{self._cache_arg: self._cache})
+        if self._slots.make_room(len(self._running), 0):
+            self._decode_step.forget_graphs()
+        logits = self._decode_step.run([seq.generated[-1] for seq in self._running],
+                                       [seq.position for seq in self._running])
+        self._slots.end += 1
         self.stats.decode_steps += 1
-        return out.logits[:, -1, :]
+        return logits
 
     def _drop_rows(self, leaves: Callable[[_Sequence], bool]) -> None:
-        """Remove the rows of sequences that leave, then the padding columns nobody needs."""
-        keep = [i for i, seq in enumerate(self._running) if not leaves(seq)]
-        if len(keep) == len(self._running):
+        """Free the slots of sequences that leave: the last rows move into the holes, so the
+        running rows stay the first ones. An idle CPU replica frees the slots' memory too."""
+        leaving = [leaves(seq) for seq in self._running]
+        if not any(leaving):
             return
-        self._running = [self._running[i] for i in keep]
-        if not keep:
-            self._cache, self._mask = None, None
-            return
-        index = torch.tensor(keep, device=self._mask.device)
-        self._mask = self._mask[index]
-        first_used = int(self._mask.any(dim=0).nonzero()[0])
-        self._mask = self._mask[:, first_used:]
-        for layer in self._cache.layers:
-            layer.keys = layer.keys[index, :, first_used:]
-            layer.values = layer.values[index, :, first_used:]
+        staying = leaving.count(False)
+        holes = [i for i in range(staying) if leaving[i]]
+        movers = [i for i in range(staying, len(self._running)) if not leaving[i]]
+        self._slots.move_rows(movers, holes)
+        for source, target in zip(movers, holes):
+            self._running[target] = self._running[source]
+        del self._running[staying:]
+        if not self._running and not self.cuda_graphs:
+            self._slots, self._decode_step = None, None
 
     def _sample(self, logits: torch.Tensor, rows: list[_Sequence]) -> list[int]:
-        logits = logits.double()  # float64: temperatures down to the smallest float divide cleanly
+        greedy = logits.argmax(dim=-1).tolist()  # every row's, in one transfer
         tokens = []
-        for row, seq in zip(logits, rows):
+        for i, seq in enumerate(rows):
             if seq.params.temperature == 0:
-                tokens.append(int(row.argmax()))
+                tokens.append(greedy[i])
                 continue
+            row = logits[i].double()  # float64: temperatures down to the smallest float divide cleanly
             # Shifted so the largest logit is 0: a tiny temperature then gives -inf, not inf - inf = NaN.
             scaled = (row - row.max()) / seq.params.temperature
             probs = _top_p(torch.softmax(scaled, dim=-1), seq.params.top_p)
@@ -260,7 +261,7 @@ class BatchingEngine:
         if token in self.eos_token_ids:
             seq.finish_reason = "stop"
             return self._event(seq, seq.emitted_text)
-        text = self.tokenizer.decode(seq.generated, skip_special_tokens=True)
+        text = self._text(seq)
         cut = _first_stop(text, seq.params.stop)
         if cut is not None:
             seq.finish_reason = "stop"
@@ -272,6 +273,18 @@ class BatchingEngine:
         if len(shown) <= len(seq.emitted_text):
             return None
         return self._event(seq, shown)
+
+    def _text(self, seq: _Sequence) -> str:
+        """The text of all generated tokens, decoding only the last few (vLLM's incremental
+        detokenizer): the window starts one emission back, so the tokens that merge across
+        its edge (and an unfinished UTF-8 character) decode as in the whole text."""
+        before = self._decode_ids(seq.generated[seq.prefix_offset: seq.read_offset])
+        window = self._decode_ids(seq.generated[seq.prefix_offset:])
+        if len(window) <= len(before) or window.endswith("\ufffd"):
+            return seq.decoded + window[len(before):]
+        seq.decoded += window[len(before):]
+        seq.prefix_offset, seq.read_offset = seq.read_offset, len(seq.generated)
+        return seq.decoded
 
     def _event(self, seq: _Sequence, text: str) -> TokenEvent:
         delta = text[len(seq.emitted_text):]
@@ -308,6 +321,15 @@ class EngineStats:
         return {**self.__dict__, "finished": dict(self.finished), "batch_size_buckets": list(self.batch_size_buckets)}
 
 
+def _text_decoder(tokenizer) -> Callable[[list[int]], str]:
+    """`tokenizer.decode(ids, skip_special_tokens=True)`, straight to the Rust tokenizer when
+    the Python wrapper would add only its per-id type checks (most of the cost per token)."""
+    backend = getattr(tokenizer, "_tokenizer", None)
+    if backend is not None and not getattr(tokenizer, "clean_up_tokenization_spaces", True):
+        return partial(backend.decode, skip_special_tokens=True)
+    return partial(tokenizer.decode, skip_special_tokens=True)
+
+
 def _generator(seed: int | None) -> torch.Generator:
     generator = torch.Generator()
     if seed is None:
@@ -315,17 +337,6 @@ def _generator(seed: int | None) -> torch.Generator:
     else:
         generator.manual_seed(seed)
     return generator
-
-
-def _left_pad(tensor: torch.Tensor, width: int) -> torch.Tensor:
-    """Pad dimension 1 (mask) or -2 (cache keys/values) on the left with zeros up to `width`."""
-    dim = 1 if tensor.dim() == 2 else -2
-    missing = width - tensor.shape[dim]
-    if missing == 0:
-        return tensor
-    shape = list(tensor.shape)
-    shape[dim] = missing
-    return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
 
 
 def _top_p(probs: torch.Tensor, top_p: float) -> torch.Tensor:
@@ -336,6 +347,20 @@ def _top_p(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     outside = sorted_probs.cumsum(-1) - sorted_probs > top_p
     sorted_probs[outside] = 0
     return torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+
+
+def _coalesce(event: TokenEvent | BaseException, queue: asyncio.Queue) -> TokenEvent:
+    """One event for everything already waiting in a request's queue: a consumer that fell
+    behind (a slow stream) gets one message per turn, not one per token."""
+    while isinstance(event, TokenEvent) and event.finish_reason is None and not queue.empty():
+        later = queue.get_nowait()
+        if isinstance(later, BaseException):
+            event = later
+            break
+        event = TokenEvent(event.text + later.text, later.completion_tokens, later.finish_reason)
+    if isinstance(event, BaseException):
+        raise event
+    return event
 
 
 def _first_stop(text: str, stops: tuple[str, ...]) -> int | None:
