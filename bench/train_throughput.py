@@ -40,6 +40,12 @@ def plain_loop(config, train_ds, steps: int, profile: Path | None = None) -> dic
     batches = prefetched(endless_epochs(
         lambda: rank_batches(train_ds, config.train.micro_batch_size, rank=0, world_size=1, deterministic=True)),
         pin_memory=device.type == "cuda")
+    pending = []  # the steps' losses still on the device
+
+    def read() -> None:
+        """One host transfer for the pending losses, as the Ray loop makes on its read steps."""
+        torch.stack(pending).tolist()
+        pending.clear()
 
     def step() -> int:
         batch = next(batches)
@@ -51,10 +57,13 @@ def plain_loop(config, train_ds, steps: int, profile: Path | None = None) -> dic
         torch.nn.utils.clip_grad_norm_(model.parameters(), config.train.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        loss.item()  # the Ray loop checks every step's loss (one host sync), so this does too
+        pending.append(loss.detach())
+        if len(pending) == config.train.log_every:
+            read()
         return real
 
-    step()  # untimed, as in the Ray loop: the first step compiles and warms caches
+    step()  # untimed, as in the Ray loop: the first step compiles and warms caches, and is read
+    read()
     tokens, started = 0, time.perf_counter()
     for _ in range(steps - 1):
         tokens += step()

@@ -95,6 +95,9 @@ class TrainConfig(_Section):
     bf16: bool = False
     compile: bool = False
     eval_every: int = Field(50, ge=1)
+    log_every: int = Field(10, ge=1)
+    """Read the training loss from the device every N steps (and on the first, checkpoint
+    and last steps), in one transfer: fewer GPU syncs; metrics.jsonl still gets every step."""
     keep_checkpoints: int = Field(2, ge=1)
     max_failures: int = Field(1, ge=0)
     peak_tflops: float = Field(989, gt=0)

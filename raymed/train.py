@@ -261,6 +261,10 @@ class WorkerLoop:
         self.tokens, self.waited, self.validating = 0, 0.0, 0.0
 
     def run(self) -> None:
+        """Train to `max_steps`. A step's loss stays on the device until a read step (the
+        first, every `log_every`-th, and each checkpoint step), which reads all pending ones
+        in one transfer and logs their lines: in between, the host queues the next step while
+        the GPU still runs this one."""
         from raymed.data.handoff import prefetched
 
         train = self.config.train
@@ -268,17 +272,29 @@ class WorkerLoop:
                             pin_memory=self.device.type == "cuda")
         progress = tqdm(total=train.max_steps, initial=self.step, desc="train", disable=not self.rank0)
         self._restart_clocks()
+        pending: list[dict] = []  # the steps not logged yet, their train_loss still a device tensor
         while self.step < train.max_steps:
             loss = self._train_step(stream)
-            metrics = self._throughput() | {"train_loss": loss, "lr": self.scheduler.get_last_lr()[0]}
-            if self.step % train.eval_every == 0 or self.step == train.max_steps:
-                metrics |= self._validate_and_checkpoint(metrics)
-            if self.step == self.start_step + 1 < train.max_steps:
+            pending.append({"step": self.step, "train_loss": loss, "lr": self.scheduler.get_last_lr()[0]})
+            checkpoint = self.step % train.eval_every == 0 or self.step == train.max_steps
+            first = self.step == self.start_step + 1
+            read = checkpoint or first or self.step % train.log_every == 0
+            if read:
+                read_losses(pending)  # a non-finite loss stops the run here, before any checkpoint
+            # Timed after that sync, so a read step's speed counts all the GPU work queued so far.
+            pending[-1] = self._throughput() | pending[-1]
+            if checkpoint:
+                pending[-1] |= self._validate_and_checkpoint(pending[-1])
+            if first and self.step < train.max_steps:
                 self._restart_clocks()  # speed is steady-state: the first step compiles and warms caches
             if self.rank0:
-                self.log.log(metrics)
                 progress.update(1)
-                progress.set_postfix(loss=f"{loss:.3f}")
+                if read:
+                    for metrics in pending:
+                        self.log.log(metrics)
+                    progress.set_postfix(loss=f"{pending[-1]['train_loss']:.3f}")
+            if read:
+                pending = []
         progress.close()
         if self.rank0:
             self.log.close()
@@ -289,10 +305,11 @@ class WorkerLoop:
         return worker_batches(split, self.config.train.micro_batch_size,
                               deterministic=self.config.data.deterministic)
 
-    def _train_step(self, stream) -> float:
-        """One optimizer step over `grad_accum` micro-batches; its mean loss."""
+    def _train_step(self, stream) -> torch.Tensor:
+        """One optimizer step over `grad_accum` micro-batches; its mean loss, left on the
+        device (detached) so that the host need not wait for the GPU."""
         train = self.config.train
-        loss_sum = 0.0
+        loss_sum = torch.zeros((), device=self.device)
         for _ in range(train.grad_accum):
             fetch = time.perf_counter()
             batch = next(stream)
@@ -303,8 +320,7 @@ class WorkerLoop:
             with self.autocast():
                 loss = self.forward(**batch).loss / train.grad_accum
             loss.backward()
-            loss_sum += loss.item()
-        _check_finite("loss", loss_sum, self.step + 1)
+            loss_sum += loss.detach()
         torch.nn.utils.clip_grad_norm_(self.params, train.grad_clip)
         self.optimizer.step()
         self.scheduler.step()
@@ -366,6 +382,16 @@ class WorkerLoop:
         if self.rank0:
             self.log.note(f"resumed from checkpoint {checkpoint.path} at step {state['step']}")
         return state["step"], state["data_position"]
+
+
+def read_losses(pending: list[dict]) -> None:
+    """Turn each pending step's `train_loss` from a device tensor into a float, all in one
+    host transfer (the loop's only GPU sync between reads); stop at the first non-finite
+    loss, naming its step."""
+    values = torch.stack([metrics["train_loss"] for metrics in pending]).tolist()
+    for metrics, value in zip(pending, values):
+        _check_finite("loss", value, metrics["step"])
+        metrics["train_loss"] = value
 
 
 def _check_finite(name: str, value: float, step: int) -> None:

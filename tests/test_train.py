@@ -23,6 +23,7 @@ from raymed.train import (
     apply_scope,
     fit,
     load_checkpoint_model,
+    read_losses,
     save_checkpoint_model,
     token_metrics,
     train_dir,
@@ -43,6 +44,18 @@ def test_token_metrics_match_a_hand_checked_case():
     assert loss == pytest.approx(expected, rel=1e-6)
     _, correct, _ = token_metrics(logits, torch.tensor([[-100, 1, 2]]))
     assert correct == 1
+
+
+def test_read_losses_fills_floats_and_names_the_first_bad_step():
+    from raymed.errors import RaymedError
+
+    pending = [{"step": 4, "train_loss": torch.tensor(2.5)}, {"step": 5, "train_loss": torch.tensor(1.25)}]
+    read_losses(pending)
+    assert pending == [{"step": 4, "train_loss": 2.5}, {"step": 5, "train_loss": 1.25}]
+    assert all(type(m["train_loss"]) is float for m in pending)
+    bad = [{"step": s, "train_loss": torch.tensor(v)} for s, v in [(2, 1.0), (3, math.nan), (4, math.inf)]]
+    with pytest.raises(RaymedError, match="loss is nan at step 3"):
+        read_losses(bad)
 
 
 def _tiny_llama(layers: int = 3):
