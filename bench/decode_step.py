@@ -43,6 +43,8 @@ def main() -> None:
             logits[name] = greedy_step(step, slots, batch, advance=False).float()  # also captures
             result[f"{name}_ms"] = round(time_steps(step, slots, batch, args.steps) * 1000, 3)
             result[f"{name}_tokens_per_s"] = round(batch / result[f"{name}_ms"] * 1000)
+            if graphs:
+                result["graph_captured"] = step.graphs  # False: the capture failed, the step ran eagerly
             del slots, step
         if on_gpu:
             result["graph_speedup"] = round(result["eager_ms"] / result["graph_ms"], 2)

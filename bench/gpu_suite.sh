@@ -58,7 +58,7 @@ LOAD=(--rounds "$ROUNDS" --max-tokens "$TOKENS" --prompt-chars 256 1024)
 part serve_nostream 120 python3 bench/serve_load.py "${LOAD[@]}" --concurrency "${LEVELS[@]}" --no-stream \
   --baseline-model "$MODEL_DIR" --baseline-requests 64 --baseline-batch 64
 part serve_stream 90 python3 bench/serve_load.py "${LOAD[@]}" --concurrency "${STREAM_LEVELS[@]}"
-kill -INT $SERVER; wait $SERVER
+kill -TERM $SERVER; wait $SERVER  # TERM: a script's background job ignores SIGINT
 
 part train_smollm2 150 python3 bench/train_throughput.py --config smollm2-pretrain \
   --set model.tokenizer="$TOK" "${TRAIN[@]}" "${SMOL[@]}"

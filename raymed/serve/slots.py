@@ -167,7 +167,13 @@ class DecodeStep:
         bucket = _bucket(count, slots.rows)
         slots.mask[:bucket, slots.end] = True  # idle rows attend to something: no NaN rows
         if bucket not in self._captured:
-            self._captured[bucket] = self._capture(bucket)
+            try:
+                self._captured[bucket] = self._capture(bucket)
+            except Exception:  # a model whose step cannot be captured still serves, launched eagerly
+                logger.warning("could not capture the decode step as a CUDA graph; launching it eagerly",
+                               exc_info=True)
+                self.graphs = False
+                return self.run(tokens, positions)
         graph, logits = self._captured[bucket]
         graph.replay()
         return logits[:count]
