@@ -153,8 +153,10 @@ class DecodeStep:
         self._pool = None
 
     def forget_graphs(self) -> None:
-        """Drop captured graphs (their tensors' addresses changed: the cache grew)."""
+        """Drop captured graphs (their tensors' addresses changed: the cache grew), and their
+        memory pool with them: a pool no graph uses any more cannot take a new capture."""
         self._captured.clear()
+        self._pool = None
 
     def run(self, tokens: list[int], positions: list[int]) -> torch.Tensor:
         count, slots = len(tokens), self.slots
