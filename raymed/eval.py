@@ -485,6 +485,20 @@ def write_report(report: dict, out_dir: str | Path) -> tuple[Path, Path]:
     return json_path, table_path
 
 
+def read_scores(report_path: str | Path, label: str, items: list[dict], items_path: str | None,
+                seed: int) -> ModelEval | None:
+    """`label`'s scores from an eval.json written for these same items (path, count and
+    seed), so that a later step need not score that model again; None for other items."""
+    report = json.loads(Path(report_path).read_text())
+    if (report["items"]["path"], report["items"]["count"], report["items"]["seed"]) != (items_path, len(items), seed) \
+            or label not in report["picks"]:
+        return None
+    picks = np.array(report["picks"][label])
+    correct = picks == np.array([item["answer"] for item in items])
+    model = report["models"][label]
+    return ModelEval(label, model["path"], model["metrics"], picks, correct)
+
+
 def eval_dir(config: Config) -> Path:
     """Where a run's evaluation reports go: <storage_path>/runs/<run_name>/eval/."""
     return Path(config.storage_path).expanduser() / "runs" / config.run_name / "eval"

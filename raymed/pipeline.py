@@ -181,7 +181,7 @@ def raymed_stages(config: Config, log: Callable[[str], None]) -> list[Stage]:
         Stage("evaluate", lambda up: evaluate_stage(c, up["train"]), upstream=("train",),
               clear=lambda: _remove(run_dir(c) / "eval"),
               inputs=lambda: {"eval": c.eval.model_dump(), "data": c.data.model_dump(), "seed": c.seed}),
-        Stage("promote", lambda up: promote_stage(c, up["train"], log), upstream=("train", "evaluate"),
+        Stage("promote", lambda up: promote_stage(c, up["train"], up["evaluate"], log), upstream=("train", "evaluate"),
               clear=lambda: _remove(run_dir(c) / "promote"),
               inputs=lambda: {"eval": c.eval.model_dump(), "registry": c.registry.model_dump(),
                               "storage": c.storage_path}),
@@ -288,13 +288,14 @@ def evaluate_stage(config: Config, trained: dict) -> dict:
     return {"metrics": result.metrics, "report": str(path), "paths": [str(path)]}
 
 
-def promote_stage(config: Config, trained: dict, log: Callable[[str], None]) -> dict:
-    """The gate: the candidate against the registry's current version; promoted if better."""
+def promote_stage(config: Config, trained: dict, evaluated: dict, log: Callable[[str], None]) -> dict:
+    """The gate: the candidate (its scores from the evaluate stage) against the registry's
+    current version; promoted if better."""
     from raymed.promote import promote_best
 
     ensure_ray()
     result = promote_best([trained["candidate"]], config, source=trained["source"],
-                          out_dir=run_dir(config) / "promote")
+                          out_dir=run_dir(config) / "promote", scored_report=evaluated["report"])
     log(f"[pipeline] gate: {result.reason}")
     return {"accepted": result.accepted, "reason": result.reason, "version": result.version,
             "previous": result.previous, "current": result.current, "report": str(result.report_path),

@@ -14,8 +14,9 @@ A rejected candidate leaves the registry untouched; the result says why.
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from raymed.config import Config, EvalConfig
@@ -28,6 +29,7 @@ from raymed.eval import (
     group_mask,
     load_items,
     paired_bootstrap,
+    read_scores,
     render_table,
     resolve_items_path,
     resolve_model_dir,
@@ -57,12 +59,15 @@ class PromotionResult:
 
 
 def promote_best(candidates: Sequence[str | Path], config: Config, *, source: str | None = None,
-                 out_dir: str | Path | None = None, validation: bool = True) -> PromotionResult:
+                 out_dir: str | Path | None = None, validation: bool = True,
+                 scored_report: str | Path | None = None) -> PromotionResult:
     """Evaluate `candidates` (model directories, checkpoints, or run directories holding
     `checkpoint_*`) against the registry's current version (registering the base model as
     v1 on first use) and promote the best if it passes the gate. `source` names the run or
-    trial for the manifest. Writes eval.json / eval.md (with the decision) to `out_dir`
-    (default <storage_path>/runs/<run_name>/promote/)."""
+    trial for the manifest. A candidate already scored in `scored_report` (an eval.json of
+    the same items, as the pipeline's evaluate stage writes) is not scored again. Writes
+    eval.json / eval.md (with the decision) to `out_dir` (default
+    <storage_path>/runs/<run_name>/promote/)."""
     directories = list(dict.fromkeys(d for c in candidates for d in find_checkpoints(c)))
     if not directories:
         raise RaymedError("no candidates to promote")
@@ -72,7 +77,10 @@ def promote_best(candidates: Sequence[str | Path], config: Config, *, source: st
     labels = {f"c{i}": d for i, d in enumerate(directories, 1)}
     items_path = resolve_items_path(config.eval.mcq_path)
     items = load_items(items_path, max_items=config.eval.max_items, seed=config.seed)
-    items, results = evaluate_models(config, models | labels, items=items, validation=validation)
+    known = _scored_candidates(scored_report, labels, items, str(items_path), config.seed) if scored_report else {}
+    to_score = models | {label: d for label, d in labels.items() if label not in known}
+    results = evaluate_models(config, to_score, items=items, validation=validation)[1] if to_score else {}
+    results = {label: results[label] if label in results else known[label] for label in [*models, *labels]}
     best = best_candidate([results[label] for label in labels], config.eval.gate_metric)
     report = build_report(config, items, results, reference=current, items_path=str(items_path))
     accepted, reason = gate(results.get(current), best, items, config.eval, config.seed)
@@ -91,6 +99,20 @@ def promote_best(candidates: Sequence[str | Path], config: Config, *, source: st
     out = Path(out_dir) if out_dir else Path(config.storage_path).expanduser() / "runs" / config.run_name / "promote"
     json_path, _ = write_report(report, out)
     return PromotionResult(accepted, reason, version, current, best.path, report, json_path)
+
+
+def _scored_candidates(report_path: str | Path, labels: dict[str, Path], items: list[dict], items_path: str,
+                       seed: int) -> dict[str, ModelEval]:
+    """The candidates (by label) whose scores `report_path` already holds for these items."""
+    report = json.loads(Path(report_path).read_text())
+    by_directory = {str(resolve_model_dir(model["path"])): name for name, model in report["models"].items()}
+    known = {}
+    for label, directory in labels.items():
+        name = by_directory.get(str(resolve_model_dir(directory)))
+        scores = read_scores(report_path, name, items, items_path, seed) if name else None
+        if scores is not None:
+            known[label] = replace(scores, label=label)
+    return known
 
 
 def ensure_base(registry: Registry, config: Config) -> str | None:

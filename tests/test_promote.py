@@ -128,3 +128,15 @@ def test_promotion_end_to_end(ray_cluster, tiny_model, tmp_path):
     assert not rejected.accepted and rejected.version is None and rejected.current == "v2"
     assert rejected.reason.startswith(f"rejected c1 ({worse}): val_loss ") and "does not beat v2's" in rejected.reason
     assert {p: p.stat().st_mtime_ns for p in registry.root.rglob("*") if p.name != ".lock"} == snapshot
+
+    # A candidate the report of an earlier evaluation (the pipeline's evaluate stage) already
+    # scored on these items is not scored again: a marked score in that report decides.
+    report = json.loads(rejected.report_path.read_text())
+    report["models"]["c1"]["metrics"]["val_loss"] = 0.5
+    marked, other_items = tmp_path / "marked.json", tmp_path / "other_items.json"
+    marked.write_text(json.dumps(report))
+    other_items.write_text(json.dumps(report | {"items": report["items"] | {"seed": 1}}))
+    rescored = promote_best([worse], config, source="trial_3", scored_report=other_items)
+    assert not rescored.accepted and rescored.report["models"]["c1"]["metrics"]["val_loss"] > 0.5
+    reused = promote_best([worse], config, source="trial_3", scored_report=marked)
+    assert reused.accepted and reused.report["models"]["c1"]["metrics"]["val_loss"] == 0.5
