@@ -317,7 +317,7 @@ def ask_stage(config: Config, deployment: dict, promotion: dict, log: Callable[[
     answer = ask(config, deployment["url"], deployment["model"], config.pipeline.question)
     version = deployment["version"]
     if promotion["accepted"] and version == promotion["version"]:
-        served = f"{deployment['model']} {version}, newly promoted"
+        served = f"{deployment['model']} {version}, promoted from this run's candidate"
     else:
         served = f"{deployment['model']} {version}, the current version"
         if not promotion["accepted"]:

@@ -114,7 +114,7 @@ def test_pipeline_job_runs_resumes_and_reruns_what_changed(head, default_assets,
 
     succeeded, logs = head.submit("pipeline-1", *args)
     assert succeeded, logs[-3000:]
-    assert "[pipeline] answer from medical-assistant v1, newly promoted" in logs
+    assert "[pipeline] answer from medical-assistant v1, promoted from this run's candidate" in logs
     first = records(storage)
     assert {name: r["status"] for name, r in first.items()} == dict.fromkeys(
         ["assets", "data", "train", "evaluate", "promote", "deploy", "ask"], "done")
