@@ -7,7 +7,7 @@ one-at-a-time `generate`, for a Llama and a GPT-2 architecture.
 The GPU path replays one CUDA graph per batch-size bucket over all columns. CI has no GPU,
 so `FullWidthSteps` runs that same step (bucket rows, every column, idle rows attending to
 the write column) eagerly in place of the replay; the capture itself is checked on a GPU
-by bench/serve_graphs_check.py."""
+by bench/decode_step.py (graph against eager logits, in bench/gpu_suite.sh)."""
 
 from __future__ import annotations
 
