@@ -19,7 +19,7 @@ import torch
 
 from raymed.config import ServeConfig
 from raymed.serve.model_source import context_length, load_for_inference
-from raymed.serve.slots import DecodeStep, SlotCache, cache_argument
+from raymed.serve.slots import FIRST_COLUMNS, DecodeStep, SlotCache, cache_argument
 
 
 def main() -> None:
@@ -65,7 +65,7 @@ def prefilled(model, batch: int, rows: int, prompt_tokens: int, limit: int, grap
     cache = DynamicCache(config=model.config)
     model(input_ids=ids, use_cache=True, logits_to_keep=1, **{cache_argument(model): cache})
     layers = [(layer.keys, layer.values) for layer in cache.layers]
-    slots = SlotCache(layers, rows=rows, columns=256, max_columns=limit + 1)
+    slots = SlotCache(layers, rows=rows, columns=FIRST_COLUMNS, max_columns=limit + 1)
     slots.make_room(0, prompt_tokens)
     slots.place(0, layers, torch.ones(batch, prompt_tokens, dtype=torch.long))
     return slots, DecodeStep(model, cache_argument(model), slots, graphs)

@@ -485,11 +485,10 @@ def write_report(report: dict, out_dir: str | Path) -> tuple[Path, Path]:
     return json_path, table_path
 
 
-def read_scores(report_path: str | Path, label: str, items: list[dict], items_path: str | None,
-                seed: int) -> ModelEval | None:
-    """`label`'s scores from an eval.json written for these same items (path, count and
-    seed), so that a later step need not score that model again; None for other items."""
-    report = json.loads(Path(report_path).read_text())
+def read_scores(report: dict, label: str, items: list[dict], items_path: str | None, seed: int) -> ModelEval | None:
+    """`label`'s scores from an eval.json's content written for these same items (path,
+    count and seed), so that a later step need not score that model again; None for other
+    items."""
     if (report["items"]["path"], report["items"]["count"], report["items"]["seed"]) != (items_path, len(items), seed) \
             or label not in report["picks"]:
         return None

@@ -109,7 +109,7 @@ def _scored_candidates(report_path: str | Path, labels: dict[str, Path], items: 
     known = {}
     for label, directory in labels.items():
         name = by_directory.get(str(resolve_model_dir(directory)))
-        scores = read_scores(report_path, name, items, items_path, seed) if name else None
+        scores = read_scores(report, name, items, items_path, seed) if name else None
         if scores is not None:
             known[label] = replace(scores, label=label)
     return known
