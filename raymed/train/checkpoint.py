@@ -53,27 +53,34 @@ def write_checkpoint(out: Path, model, tokenizer, optimizer, scheduler, state: d
 def complete_step(directory: Path) -> int | None:
     """The step of a checkpoint whose completion mark verifies (every file it lists is
     there with its size and checksum), else None."""
-    try:
-        mark = json.loads((directory / COMPLETE_FILE).read_text())
-        files = mark["files"]
-        step = int(mark["step"])
-    except (OSError, ValueError, KeyError, TypeError):
+    mark = _read_mark(directory)
+    if mark is None:
         return None
-    for name, expected in files.items():
+    for name, expected in mark["files"].items():
         path = directory / name
         if not path.is_file() or path.stat().st_size != expected["size"] or _sha256(path) != expected["sha256"]:
             return None
-    return step
+    return mark["step"]
 
 
 def newest_complete(run_dir: Path, after_step: int) -> tuple[Path, int] | None:
-    """The complete checkpoint under `run_dir` with the highest step beyond `after_step`."""
-    found = [(step, path) for path in run_dir.glob("checkpoint_*") if path.is_dir()
-             and (step := complete_step(path)) is not None and step > after_step]
-    if not found:
+    """The complete checkpoint under `run_dir` with the highest step beyond `after_step`
+    (only those are checksummed)."""
+    marked = [(mark["step"], path) for path in run_dir.glob("checkpoint_*")
+              if (mark := _read_mark(path)) is not None and mark["step"] > after_step]
+    for step, path in sorted(marked, reverse=True):
+        if complete_step(path) == step:
+            return path, step
+    return None
+
+
+def _read_mark(directory: Path) -> dict | None:
+    """A checkpoint's completion mark ({"step", "files"}), or None when it has none."""
+    try:
+        mark = json.loads((directory / COMPLETE_FILE).read_text())
+        return {"step": int(mark["step"]), "files": dict(mark["files"])}
+    except (OSError, ValueError, KeyError, TypeError):
         return None
-    step, path = max(found)
-    return path, step
 
 
 def remove_unregistered(run_dir: Path, registered: set[str]) -> list[Path]:

@@ -100,15 +100,17 @@ class WorkerLoop:
             # Timed after that sync, so a read step's speed counts all the GPU work queued so far.
             pending[-1] = self._throughput() | pending[-1]
             if checkpoint:
-                pending[-1] |= self._validate_and_checkpoint(pending[-1])
-            if first and self.step < train.max_steps:
-                self._restart_clocks()  # speed is steady-state: the first step compiles and warms caches
+                pending[-1] |= self._validate()
             if self.rank0:
                 progress.update(1)
-                if read:
+                if read:  # logged before the checkpoint exists: a step resumed past is never unlogged
                     for metrics in pending:
                         self.log.log(metrics)
                     progress.set_postfix(loss=f"{pending[-1]['train_loss']:.3f}")
+            if checkpoint:
+                self._report_with_checkpoint(pending[-1])
+            if first and self.step < train.max_steps:
+                self._restart_clocks()  # speed is steady-state: the first step compiles and warms caches
             if read:
                 pending = []
         progress.close()
@@ -177,8 +179,8 @@ class WorkerLoop:
             metrics["mfu"] = self.flops_per_token * self.tokens / elapsed / (self.config.train.peak_tflops * 1e12)
         return metrics
 
-    def _validate_and_checkpoint(self, metrics: dict) -> dict[str, float]:
-        """Validation metrics, reported to Ray Train with a checkpoint (written by rank 0)."""
+    def _validate(self) -> dict[str, float]:
+        """Validation metrics over every block, this rank scoring its share."""
         from raymed.data.handoff import validation_batches
 
         started = time.perf_counter()
@@ -186,15 +188,16 @@ class WorkerLoop:
             val = validate(unwrap(self.model), validation_batches(self.config.train.micro_batch_size),
                            self.device, self._sum_over_ranks)
         _check_finite("validation loss", val["val_loss"], self.step)
-        state = {"step": self.step, "data_position": self.position, "attempt_started_at_step": self.start_step}
-        self._report_with_checkpoint(metrics | val, state)
         self.validating += time.perf_counter() - started
         return val
 
-    def _report_with_checkpoint(self, metrics: dict, state: dict) -> None:
+    def _report_with_checkpoint(self, metrics: dict) -> None:
+        """The step's metrics, reported to Ray Train with a checkpoint (written by rank 0)."""
         import ray.train
         from ray.train import Checkpoint
 
+        started = time.perf_counter()
+        state = {"step": self.step, "data_position": self.position, "attempt_started_at_step": self.start_step}
         with tempfile.TemporaryDirectory() as directory:
             checkpoint = None
             if self.rank0:
@@ -202,6 +205,7 @@ class WorkerLoop:
                                  self.scheduler, state)
                 checkpoint = Checkpoint.from_directory(directory)
             ray.train.report(metrics, checkpoint=checkpoint)
+        self.validating += time.perf_counter() - started
 
     def _resume(self) -> tuple[int, int]:
         """(step, data position) after loading the latest checkpoint's state: Ray Train's
