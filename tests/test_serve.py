@@ -251,7 +251,7 @@ BAD_REQUESTS = [
      b'{"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "temperature": NaN}', 400, "temperature"),
     ("top-p-zero", "/v1/chat/completions", {**GOOD_CHAT, "top_p": 0}, 400, "top_p"),
     ("top-p-nan", "/v1/completions", b'{"model": "tiny", "prompt": "Hi", "top_p": NaN}', 400, "top_p"),
-    ("two-choices", "/v1/chat/completions", {**GOOD_CHAT, "n": 2}, 400, "n"),
+    ("too-many-choices", "/v1/chat/completions", {**GOOD_CHAT, "n": 5}, 400, "n"),
     ("five-stops", "/v1/chat/completions", {**GOOD_CHAT, "stop": list("abcde")}, 400, "stop"),
     ("no-prompt", "/v1/completions", {"model": MODEL}, 400, "prompt"),
     ("empty-prompt", "/v1/completions", {"model": MODEL, "prompt": ""}, 400, "prompt"),

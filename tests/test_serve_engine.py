@@ -224,7 +224,8 @@ def test_logprobs_are_the_models_own_in_the_answer_and_in_the_prompt(model_and_t
         assert entry["token"] == tokenizer.decode([token])
         assert entry["logprob"] == pytest.approx(float(row[token]), abs=1e-4)
         assert [t for t, _ in entry["top"]] == [tokenizer.decode([t]) for t in row.topk(3).indices.tolist()]
-    assert prompt_entries[0] is None and len(prompt_entries) == len(ids)
+    assert prompt_entries[0] == {"token": tokenizer.decode(ids[:1]), "logprob": None, "top": None}
+    assert len(prompt_entries) == len(ids)
     for i, entry in enumerate(prompt_entries[1:], start=1):
         assert entry["logprob"] == pytest.approx(float(logprobs[i - 1, ids[i]]), abs=1e-4)
         assert len(entry["top"]) == 2

@@ -95,12 +95,13 @@ class BatchingEngine:
         self._decode_ids = _text_decoder(tokenizer)
         self._token_texts: dict[int, str] = {}
 
-    async def prompt_logprobs(self, prompt_ids: list[int], top: int) -> list[dict | None]:
+    async def prompt_logprobs(self, prompt_ids: list[int], top: int) -> list[dict]:
         """The prompt's own token logprobs (see raymed.serve.sampling.prompt_logprobs), computed
         on the decode thread between steps."""
         loop = asyncio.get_running_loop()
         scored = await loop.run_in_executor(self._executor, self._score_prompt, list(prompt_ids), top)
-        return [None if token is None else self._logprob_entry(token) for token in scored]
+        first = {"token": self._token_text(prompt_ids[0]), "logprob": None, "top": None}  # nothing precedes it
+        return [first] + [self._logprob_entry(token) for token in scored[1:]]
 
     @torch.inference_mode()
     def _score_prompt(self, prompt_ids: list[int], top: int) -> list[SampledToken | None]:
