@@ -2,8 +2,8 @@
 
 `RequestPreparer.chat` is the one path a chat request takes before generation (messages,
 safety system prompt, chat template, tokens, safety check, jobs); a step that changes what
-the model reads (retrieved passages, say) belongs there. The chat template and the
-tokenizer run on a worker thread, never on the Gateway's event loop: one huge prompt must
+the model reads (retrieved passages, say) belongs there. The chat template, the tokenizer
+and the safety check run on a worker thread, never on the Gateway's event loop: one huge prompt must
 not stall every other request's stream.
 """
 
@@ -54,7 +54,7 @@ class RequestPreparer:
     async def chat(self, body: ChatCompletionRequest, request_id: str) -> Plan:
         messages = body.chat()
         prompt_ids = await asyncio.to_thread(self._apply_chat_template, safety.with_system_prompt(messages))
-        flags = safety.check([m["content"] for m in messages if m["role"] == "user"])
+        flags = await asyncio.to_thread(safety.check, [m["content"] for m in messages if m["role"] == "user"])
         plan = Plan("chat", request_id, body, [prompt_ids], flags)
         plan.jobs = self._jobs(plan, "messages")
         return plan
@@ -62,7 +62,7 @@ class RequestPreparer:
     async def completions(self, body: CompletionRequest, request_id: str) -> Plan:
         prompts = await asyncio.to_thread(self._tokenize_prompts, body.prompts())
         texts = [p for p in body.prompts() if isinstance(p, str)]
-        plan = Plan("completions", request_id, body, prompts, safety.check(texts))
+        plan = Plan("completions", request_id, body, prompts, await asyncio.to_thread(safety.check, texts))
         plan.jobs = self._jobs(plan, "prompt")
         if body.echo:
             plan.echo_texts = await asyncio.to_thread(self._echo_texts, body.prompts(), prompts)
