@@ -312,7 +312,8 @@ def test_the_load_benchmark_measures_the_endpoint(url):
     prompts = bench.load_prompts(4, min_chars=200, max_chars=400)
     assert all(200 <= len(p) <= 400 for p in prompts)
     for stream in (True, False):
-        args = argparse.Namespace(url=url, api_key=None, max_tokens=4, warmup=1, stream=stream)
+        args = argparse.Namespace(url=url, api_key=None, max_tokens=4, warmup=1, stream=stream, temperature=0.7,
+                                  top_p=0.9, logprobs=2, penalties=0.5)
         level = asyncio.run(bench.run_level(args, MODEL, prompts, concurrency=2))
         assert (level["ok"], level["errors"]) == (4, {})
         assert level["generated_tokens"] == 16 and level["generated_tokens_per_s"] > 0

@@ -206,7 +206,7 @@ def test_token_id_and_batched_prompts_answer_like_their_text(url, local):
 
 
 def test_completions_keep_the_models_text_and_carry_the_banner_in_safety(url):
-    red_flag = "I have crushing chest pain and"
+    red_flag = "I have crushing chest pain and I can't breathe"
     answer = post(url, "completions", {"prompt": red_flag, "max_tokens": 4, "temperature": 0}).json()
     assert answer["safety"]["red_flag"] and answer["safety"]["banner"]
     assert "emergency" not in answer["choices"][0]["text"].lower()
@@ -295,3 +295,63 @@ def test_langchain_chat_openai_invokes_streams_and_gets_a_clear_refusal(url):
     with pytest.raises(openai.BadRequestError) as caught:
         llm.with_structured_output(Diagnosis).invoke("What is a fever?")
     assert caught.value.body["code"] in ("unsupported_parameter", "invalid_value")
+
+
+# ---------------------------------------------------------------- lm-evaluation-harness
+
+
+MCQ_TASK = """task: raymed_mcq
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {items}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "Question: {{{{question}}}}\\nAnswer:"
+doc_to_choice: "{{{{options}}}}"
+doc_to_target: answer
+metric_list:
+  - metric: acc
+  - metric: acc_norm
+"""
+
+
+def in_process_loglikelihood(local, context: str, continuation: str) -> float:
+    """log p(continuation | context), split into tokens as lm-eval splits it."""
+    tokenizer = local[1]
+    whole = tokenizer(context + continuation, add_special_tokens=False)["input_ids"]
+    context_ids = tokenizer(context, add_special_tokens=False)["input_ids"]
+    return sum(token_logprobs(local, whole)[len(context_ids) - 1:])
+
+
+@pytest.mark.parametrize("tokenized", [True, False], ids=["token-ids", "text"])
+def test_lm_eval_local_completions_scores_like_the_model_in_process(url, local, model_dir, default_assets,
+                                                                   tmp_path, tokenized, monkeypatch):
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    items = tmp_path / "items.jsonl"
+    lines = (default_assets / "eval" / "medical-mcq-v1.jsonl").read_text().splitlines()[:4]
+    items.write_text("\n".join(lines) + "\n")
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "raymed_mcq.yaml").write_text(MCQ_TASK.format(items=items))
+    results = lm_eval.simple_evaluate(
+        model="local-completions",
+        model_args=(f"model={MODEL},base_url={url}/v1/completions,tokenizer={model_dir},"
+                    f"tokenizer_backend=huggingface,tokenized_requests={tokenized},batch_size=2,max_retries=1"),
+        tasks=["raymed_mcq"], task_manager=TaskManager(include_path=str(tasks)), log_samples=True,
+    )
+    samples = results["samples"]["raymed_mcq"]
+    assert len(samples) == 4
+    compared = 0
+    for sample in samples:
+        for (context, continuation), response in zip(sample["arguments"], sample["resps"]):
+            loglikelihood = response[0][0]
+            assert loglikelihood == pytest.approx(in_process_loglikelihood(local, context, continuation), abs=1e-3)
+            compared += 1
+    assert compared == 16
+    metrics = results["results"]["raymed_mcq"]
+    assert 0 <= metrics["acc,none"] <= 1 and 0 <= metrics["acc_norm,none"] <= 1
