@@ -294,7 +294,7 @@ def test_langchain_chat_openai_invokes_streams_and_gets_a_clear_refusal(url):
 
     with pytest.raises(openai.BadRequestError) as caught:
         llm.with_structured_output(Diagnosis).invoke("What is a fever?")
-    assert caught.value.body["code"] in ("unsupported_parameter", "invalid_value")
+    assert (caught.value.body["code"], caught.value.body["param"]) == ("unsupported_parameter", "response_format")
 
 
 # ---------------------------------------------------------------- lm-evaluation-harness

@@ -126,8 +126,6 @@ class TextPart(_Body):
 class ChatMessage(_Body):
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[TextPart]
-    name: str | None = None
-    """Accepted and not shown to the model (OpenAI: an optional participant name)."""
 
     def text(self) -> str:
         if isinstance(self.content, str):
@@ -137,7 +135,7 @@ class ChatMessage(_Body):
 
 class ResponseFormat(_Body):
     type: Literal["text"]
-    """Only plain text: JSON modes (json_object, json_schema) are refused."""
+    """Only plain text: JSON modes (json_object, json_schema) are refused (parse_request)."""
 
 
 class ChatCompletionRequest(_SamplingFields):
@@ -148,11 +146,12 @@ class ChatCompletionRequest(_SamplingFields):
     top_logprobs: Annotated[int, Field(ge=0, le=MAX_CHAT_TOP_LOGPROBS)] = 0
     response_format: ResponseFormat | None = None
 
-    @model_validator(mode="after")
-    def _top_logprobs_need_logprobs(self):
-        if self.top_logprobs and not self.logprobs:
-            raise ValueError("`top_logprobs` needs `logprobs: true`")
-        return self
+    @field_validator("top_logprobs")
+    @classmethod
+    def _top_logprobs_need_logprobs(cls, top, info):
+        if top and not info.data.get("logprobs"):
+            raise ValueError("needs `logprobs: true`")
+        return top
 
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
@@ -187,12 +186,6 @@ class CompletionRequest(_SamplingFields):
             raise ValueError("the prompt is empty")
         return prompt
 
-    @model_validator(mode="after")
-    def _zero_tokens_need_echo(self):
-        if self.max_tokens == 0 and not self.echo:
-            raise ValueError("`max_tokens` 0 is only useful with `echo: true`")
-        return self
-
     def prompts(self) -> list[str | list[int]]:
         """Each prompt: text, or token ids."""
         return self.prompt
@@ -209,10 +202,18 @@ def parse_request(data: Any, kind: type[_SamplingFields]):
     for name, value in data.items():
         if value is not None and name in refused:
             raise errors.unsupported(name, f"`{name}` is not supported: {refused[name]}")
+    response_format = data.get("response_format")
+    if kind is ChatCompletionRequest and response_format is not None and response_format != {"type": "text"}:
+        raise errors.unsupported("response_format", "`response_format` supports only {\"type\": \"text\"}: "
+                                 "constrained JSON decoding is not implemented")
     try:
-        return kind.model_validate(data)
+        body = kind.model_validate(data)
     except ValidationError as err:
         raise errors.from_validation_error(err, supported=sorted(kind.model_fields)) from None
+    if kind is CompletionRequest and body.max_tokens == 0 and not body.echo:
+        raise errors.bad_request("`max_tokens` 0 is only useful with `echo: true`. Given: 0", param="max_tokens",
+                                 code="invalid_value")
+    return body
 
 
 def openapi_body(model: type[BaseModel]) -> dict[str, Any]:

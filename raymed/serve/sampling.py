@@ -17,6 +17,10 @@ from dataclasses import dataclass
 import torch
 
 
+NUCLEUS_CANDIDATES = 128
+"""How many of the most likely tokens top-p looks at first (see BatchSampler._nucleus)."""
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How one request samples: temperature 0 is greedy; a seed makes sampling repeatable."""
@@ -113,22 +117,30 @@ class BatchSampler:
         return self._with_logprobs(raw, tokens, params)
 
     def _draw(self, logits, rows, params, generators) -> torch.Tensor:
-        """Temperature + top-p sampling for every row at once (by inverse CDF: each row's
-        own uniform draw picks its token), float64 so tiny temperatures divide cleanly."""
-        scaled = logits.double()
+        """Temperature + top-p sampling for every row at once, by inverse CDF: each row's own
+        uniform draw picks its token."""
         # Shifted so each row's largest logit is 0: a tiny temperature then gives -inf, not inf - inf = NaN.
-        scaled = (scaled - scaled.max(dim=-1, keepdim=True).values) / self.temperature[rows, None].clamp(
-            min=torch.finfo(torch.float64).tiny)
-        probs = torch.softmax(scaled, dim=-1)
-        order = None
+        scaled = (logits - logits.max(dim=-1, keepdim=True).values) / self.temperature[rows, None].float().clamp(
+            min=torch.finfo(torch.float32).tiny)
+        probs, order = torch.softmax(scaled, dim=-1), None
         if any(p.top_p < 1 for p in params):
-            probs, order = probs.sort(dim=-1, descending=True)
-            outside = probs.cumsum(-1) - probs > self.top_p[rows, None]  # always keeps the top token
-            probs = probs.masked_fill(outside, 0)
+            probs, order = self._nucleus(probs, self.top_p[rows, None].float())
         cdf = probs.cumsum(-1)
-        uniform = torch.cat([torch.rand(1, generator=g, dtype=torch.float64) for g in generators]).to(cdf.device)
-        picked = torch.searchsorted(cdf, (uniform * cdf[:, -1])[:, None], right=True).clamp(max=self.vocab - 1)
+        uniform = torch.cat([torch.rand(1, generator=g) for g in generators]).to(cdf.device)
+        picked = torch.searchsorted(cdf, (uniform * cdf[:, -1])[:, None], right=True).clamp(max=cdf.shape[-1] - 1)
         return (picked if order is None else order.gather(-1, picked)).squeeze(-1)
+
+    @staticmethod
+    def _nucleus(probs: torch.Tensor, top_p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each row's smallest set of most likely tokens whose probability reaches its top_p
+        (always the top one): (their probabilities, zero outside the set; their token ids).
+        The candidates are the NUCLEUS_CANDIDATES most likely tokens when they hold that much
+        in every row (exact, and far cheaper than sorting the vocabulary), else all tokens."""
+        candidates, order = probs.topk(min(NUCLEUS_CANDIDATES, probs.shape[-1]), dim=-1)
+        if not bool((candidates.sum(-1, keepdim=True) >= top_p).all()):
+            candidates, order = probs.sort(dim=-1, descending=True)
+        outside = candidates.cumsum(-1) - candidates > top_p
+        return candidates.masked_fill(outside, 0), order
 
     def _count(self, tokens: torch.Tensor, rows: slice, params) -> None:
         if any(p.penalised for p in params):

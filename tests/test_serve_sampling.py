@@ -1,0 +1,53 @@
+"""The batched sampler alone: top-p keeps exactly the nucleus (on both of its paths), a
+row's seeded draws do not depend on the other rows, tiny temperatures are greedy."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from raymed.serve.sampling import NUCLEUS_CANDIDATES, BatchSampler, SamplingParams
+
+
+def reference_nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """The nucleus as a 0/1 mask over the vocabulary, from a full sort of each row."""
+    sorted_probs, order = probs.sort(dim=-1, descending=True)
+    keep = (sorted_probs.cumsum(-1) - sorted_probs) <= top_p
+    return torch.zeros_like(probs).scatter(-1, order, keep.float())
+
+
+@pytest.mark.parametrize("spread", [8.0, 0.01], ids=["peaked (candidates)", "flat (full sort)"])
+def test_the_nucleus_is_exact_on_both_paths(spread):
+    torch.manual_seed(0)
+    probs = torch.softmax(torch.randn(3, 1000) * spread, dim=-1)
+    top_p = torch.full((3, 1), 0.9)
+    assert bool((probs.topk(NUCLEUS_CANDIDATES).values.sum(-1) >= 0.9).all()) == (spread > 1)
+    kept, order = BatchSampler._nucleus(probs, top_p)
+    mask = torch.zeros_like(probs).scatter(-1, order, (kept > 0).float())
+    assert torch.equal(mask, reference_nucleus(probs, 0.9))
+
+
+def draws(rows: list[SamplingParams], logits: torch.Tensor, steps: int = 20) -> list[list[int]]:
+    sampler = BatchSampler(len(rows), logits.shape[-1], torch.device("cpu"))
+    sampler.admit(0, [(params, [0]) for params in rows])
+    generators = [torch.Generator().manual_seed(params.seed) for params in rows]
+    return list(zip(*[[t.token for t in sampler.sample(logits[: len(rows)], 0, generators)] for _ in range(steps)]))
+
+
+def test_a_seeded_row_samples_the_same_whatever_its_neighbours():
+    torch.manual_seed(1)
+    logits = torch.randn(2, 500)
+    logits[1] = logits[0]
+    alone = draws([SamplingParams(1, temperature=1.0, top_p=0.8, seed=5)], logits)[0]
+    together = draws([SamplingParams(1, temperature=1.0, top_p=0.8, seed=5),
+                      SamplingParams(1, temperature=0.0, seed=9, frequency_penalty=1.0)], logits)
+    assert together[0] == alone
+    assert len(set(alone)) > 1  # it does sample
+    greedy = int(logits[0].argmax())
+    assert together[1][0] == greedy and together[1][1] != greedy  # the penalty acts on its row only
+
+
+def test_a_tiny_temperature_is_greedy_without_nans():
+    logits = torch.randn(1, 300)
+    tokens = draws([SamplingParams(1, temperature=1e-300, seed=0)], logits, steps=5)[0]
+    assert set(tokens) == {int(logits[0].argmax())}
