@@ -4,7 +4,8 @@ Requests wait in a queue; between decode steps the loop prefills the newcomers (
 left-padded batch), copies their keys and values into free slots of the running batch
 (raymed.serve.slots, where a GPU's decode step is a replayed CUDA graph), and frees the
 slots of finished or cancelled requests. So a request that arrives while a long batch
-decodes gets its first token after one prefill, not after the batch ends.
+decodes gets its first token after one prefill, not after the batch ends. Each step's
+next tokens come from raymed.serve.sampling's BatchSampler, whose rows follow the slots'.
 
 The loop is one asyncio task per replica; each model step runs on a single worker thread,
 so the event loop keeps accepting requests and streaming tokens while torch computes.

@@ -92,7 +92,7 @@ class Gateway:
     async def list_models(self, request: Request) -> Response:
         return await self._handle("models", request, self._models)
 
-    @api.get("/v1/models/{model_id:path}")
+    @api.get("/v1/models/{model_id}")
     async def retrieve_model(self, model_id: str, request: Request) -> Response:
         async def one(request, request_id):
             if model_id != self.model.name:
