@@ -122,25 +122,32 @@ class BatchSampler:
         # Shifted so each row's largest logit is 0: a tiny temperature then gives -inf, not inf - inf = NaN.
         scaled = (logits - logits.max(dim=-1, keepdim=True).values) / self.temperature[rows, None].float().clamp(
             min=torch.finfo(torch.float32).tiny)
-        probs, order = torch.softmax(scaled, dim=-1), None
+        probs = torch.softmax(scaled, dim=-1)
         if any(p.top_p < 1 for p in params):
-            probs, order = self._nucleus(probs, self.top_p[rows, None].float())
+            probs = self._nucleus(probs, self.top_p[rows, None].float())
         cdf = probs.cumsum(-1)
         uniform = torch.cat([torch.rand(1, generator=g) for g in generators]).to(cdf.device)
         picked = torch.searchsorted(cdf, (uniform * cdf[:, -1])[:, None], right=True).clamp(max=cdf.shape[-1] - 1)
-        return (picked if order is None else order.gather(-1, picked)).squeeze(-1)
+        return picked.squeeze(-1)
 
     @staticmethod
-    def _nucleus(probs: torch.Tensor, top_p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Each row's smallest set of most likely tokens whose probability reaches its top_p
-        (always the top one): (their probabilities, zero outside the set; their token ids).
-        The candidates are the NUCLEUS_CANDIDATES most likely tokens when they hold that much
-        in every row (exact, and far cheaper than sorting the vocabulary), else all tokens."""
-        candidates, order = probs.topk(min(NUCLEUS_CANDIDATES, probs.shape[-1]), dim=-1)
-        if not bool((candidates.sum(-1, keepdim=True) >= top_p).all()):
-            candidates, order = probs.sort(dim=-1, descending=True)
-        outside = candidates.cumsum(-1) - candidates > top_p
-        return candidates.masked_fill(outside, 0), order
+    def _nucleus(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+        """`probs` with zeros outside each row's nucleus: the smallest set of most likely
+        tokens whose probability reaches its top_p (always the top one). Exact, without
+        sorting the vocabulary where it can: a row's nucleus comes from its
+        NUCLEUS_CANDIDATES most likely tokens when they hold that much; only the rows they
+        do not (flat distributions) are sorted, together."""
+        def cut(sorted_probs, top_p):
+            return sorted_probs.masked_fill(sorted_probs.cumsum(-1) - sorted_probs > top_p, 0)
+
+        candidates, ids = probs.topk(min(NUCLEUS_CANDIDATES, probs.shape[-1]), dim=-1)
+        kept = torch.zeros_like(probs).scatter_(-1, ids, cut(candidates, top_p))
+        wide = (candidates.sum(-1, keepdim=True) < top_p).squeeze(-1)
+        if bool(wide.any()):
+            rows = wide.nonzero().squeeze(-1)
+            sorted_probs, order = probs[rows].sort(dim=-1, descending=True)
+            kept[rows] = torch.zeros_like(sorted_probs).scatter_(-1, order, cut(sorted_probs, top_p[rows]))
+        return kept
 
     def _count(self, tokens: torch.Tensor, rows: slice, params) -> None:
         if any(p.penalised for p in params):
