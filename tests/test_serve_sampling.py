@@ -3,7 +3,6 @@ row's seeded draws do not depend on the other rows, tiny temperatures are greedy
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 from raymed.serve.sampling import NUCLEUS_CANDIDATES, BatchSampler, SamplingParams
