@@ -166,12 +166,18 @@ def sampling_fields(args) -> dict:
     return fields
 
 
-def vs_greedy(levels: list[dict]) -> dict:
-    """Each variant's generated tokens/s over greedy's at the same concurrency."""
-    greedy = {level["concurrency"]: level["generated_tokens_per_s"] for level in levels if level["variant"] == "greedy"}
-    return {f"{level['variant']} @ {level['concurrency']}":
-            round(level["generated_tokens_per_s"] / greedy[level["concurrency"]], 3)
-            for level in levels if level["variant"] != "greedy" and greedy.get(level["concurrency"])}
+def vs_greedy(levels: list[dict]) -> dict[str, list[float]]:
+    """Each variant's generated tokens/s over the greedy level run just before it at the same
+    concurrency (one ratio per repeat of that concurrency)."""
+    ratios: dict[str, list[float]] = {}
+    greedy: dict[int, float] = {}
+    for level in levels:
+        if level["variant"] == "greedy":
+            greedy[level["concurrency"]] = level["generated_tokens_per_s"]
+        elif greedy.get(level["concurrency"]):
+            ratios.setdefault(f"{level['variant']} @ {level['concurrency']}", []).append(
+                round(level["generated_tokens_per_s"] / greedy[level["concurrency"]], 3))
+    return ratios
 
 
 async def one_request(session: aiohttp.ClientSession, args, model: str, prompt: str) -> dict:
