@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from raymed.config import EvalConfig, load_config
-from raymed.eval import ModelEval
+from raymed.eval import ModelEval, load_items, read_scores, resolve_items_path
 from raymed.promote import best_candidate, data_fingerprint, gate, promote_best
 from raymed.registry import Registry
 
@@ -132,17 +132,17 @@ def test_promotion_end_to_end(ray_cluster, tiny_model, tmp_path):
 
     # A candidate the report of an earlier evaluation (the pipeline's evaluate stage) already
     # scored is not scored again, matched on what was scored: the same files (wherever they
-    # are) on the same items. A marked score in that report decides.
+    # are) on the same items; other items, or other files at the same path, do not match.
     report = json.loads(rejected.report_path.read_text())
     report["models"]["c1"]["metrics"]["val_loss"] = 0.5
-    marked, other_items = tmp_path / "marked.json", tmp_path / "other_items.json"
-    marked.write_text(json.dumps(report))
-    other_items.write_text(json.dumps(report | {"items": report["items"] | {"sha256": "0" * 64}}))
-    rescored = promote_best([worse], config, source="trial_3", scored_report=other_items)
-    assert not rescored.accepted and rescored.report["models"]["c1"]["metrics"]["val_loss"] > 0.5
+    items = load_items(resolve_items_path(config.eval.mcq_path), max_items=24, seed=config.seed)
+    assert read_scores(report, items, worse, "c1").metrics["val_loss"] == 0.5
+    assert read_scores(report, items[:-1], worse, "c1") is None
+    assert read_scores(report | {"items": report["items"] | {"sha256": "0" * 64}}, items, worse, "c1") is None
     kept = shutil.copytree(worse, tmp_path / "worse-files")
-    tiny_model.save(tiny_model(seed=6), worse)  # the same path, other weights: scored afresh
-    rewritten = promote_best([worse], config, source="trial_3", scored_report=marked)
-    assert not rewritten.accepted and rewritten.report["models"]["c1"]["metrics"]["val_loss"] > 0.5
+    tiny_model.save(tiny_model(seed=6), worse)  # the same path, other weights
+    assert read_scores(report, items, worse, "c1") is None
+    marked = tmp_path / "marked.json"
+    marked.write_text(json.dumps(report))
     reused = promote_best([kept], config, source="trial_3", scored_report=marked)
     assert reused.accepted and reused.report["models"]["c1"]["metrics"]["val_loss"] == 0.5
