@@ -21,7 +21,7 @@ ASSETS = (
         name="model",
         outputs=(f"models/{models.DEFAULT_MODEL}",),
         build=models.build_default_model,
-        recipe="smollm2-135m-instruct-q4_1-fp32/1",
+        recipe="smollm2-135m-instruct-q4_1-fp32/2",  # /2: generation_config carries the recommended sampling
         progress_total=3,
     ),
     Asset(
