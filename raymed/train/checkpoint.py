@@ -14,7 +14,6 @@ file that does not match it) is never used.
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -22,6 +21,7 @@ from pathlib import Path
 import torch
 
 from raymed.errors import RaymedError
+from raymed.registry import file_sha256
 
 STATE_FILE = "trainer_state.json"
 ADAPTER_DIR = "adapter"
@@ -58,7 +58,7 @@ def complete_step(directory: Path) -> int | None:
         return None
     for name, expected in mark["files"].items():
         path = directory / name
-        if not path.is_file() or path.stat().st_size != expected["size"] or _sha256(path) != expected["sha256"]:
+        if not path.is_file() or path.stat().st_size != expected["size"] or file_sha256(path) != expected["sha256"]:
             return None
     return mark["step"]
 
@@ -129,9 +129,4 @@ def load_tensors(path: Path):
 
 
 def _file_entry(path: Path) -> dict:
-    return {"size": path.stat().st_size, "sha256": _sha256(path)}
-
-
-def _sha256(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+    return {"size": path.stat().st_size, "sha256": file_sha256(path)}
