@@ -78,6 +78,10 @@ def _parser() -> argparse.ArgumentParser:
                        help="stop after the sweep (default: hand the best checkpoint to the promotion gate)")
     sweep.set_defaults(run=_run_tune)
 
+    from raymed.index.cli import add_index_command  # the knowledge index (issue 22)
+
+    add_index_command(commands, _add_config_args)
+
     evaluate = commands.add_parser(
         "eval",
         help="validation loss/perplexity/token accuracy and multiple-choice accuracy of a model",

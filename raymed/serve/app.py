@@ -34,6 +34,8 @@ from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingR
 
 from raymed.config import Config, load_config
 from raymed.serve import errors, safety
+from raymed.serve.grounding import Grounder  # issue 22: grounded answers
+from raymed.serve.retriever import bind_retriever
 from raymed.serve.engine import BatchingEngine, SamplingParams
 from raymed.serve.metrics import IngressMetrics, MetricsStore
 from raymed.serve.model_source import ServedModel, context_length, eos_token_ids, load_for_inference, served_model
@@ -181,7 +183,8 @@ def _static_file(name: str) -> bytes:
 class Gateway:
     """The HTTP face: auth, validation, tokenization, OpenAI shapes, SSE, errors, metrics."""
 
-    def __init__(self, config_data: dict, model: ServedModel, model_handle, metrics_store, api_key: str | None):
+    def __init__(self, config_data: dict, model: ServedModel, model_handle, metrics_store, api_key: str | None,
+                 retriever=None):
         from transformers import AutoTokenizer
 
         safety.install_log_redaction()
@@ -192,6 +195,7 @@ class Gateway:
         self.store = metrics_store
         self.metrics = IngressMetrics()
         self._api_key = api_key.encode() if api_key else None
+        self.grounder = Grounder(retriever, self.config.grounding_k)
 
     @api.get("/health")
     async def health(self) -> dict:
@@ -268,14 +272,15 @@ class Gateway:
     async def _chat(self, request: Request, request_id: str) -> Response:
         body = await self._parse(request, ChatCompletionRequest)
         messages = body.chat()
+        flags = safety.check([m["content"] for m in messages if m["role"] == "user"])  # the user's own text only
+        grounded = await self.grounder.ground(request_id, body.grounding, messages)
         try:
-            prompt_ids = self.tokenizer.apply_chat_template(safety.with_system_prompt(messages),
+            prompt_ids = self.tokenizer.apply_chat_template(grounded.prompt(safety.with_system_prompt(messages)),
                                                             add_generation_prompt=True, tokenize=True,
                                                             return_dict=True)["input_ids"]
         except Exception as err:  # a template that rejects these messages (e.g. roles out of order)
             raise errors.bad_request(f"the model's chat template rejects these messages: {err}", "messages") from None
-        flags = safety.check([m["content"] for m in messages if m["role"] == "user"])
-        return await self._generate("chat", request_id, body, list(prompt_ids), flags)
+        return await self._generate("chat", request_id, body, list(prompt_ids), flags, grounded.marks())
 
     async def _completions(self, request: Request, request_id: str) -> Response:
         body = await self._parse(request, CompletionRequest)
@@ -342,11 +347,11 @@ class Gateway:
         return {"safety": safety.safety_field(flags), "system_fingerprint": self.model.fingerprint()}
 
     async def _generate(self, route: str, request_id: str, body, prompt_ids: list[int],
-                        flags: safety.SafetyCheck) -> Response:
+                        flags: safety.SafetyCheck, grounding_marks: dict | None = None) -> Response:
         job = self._job(request_id, body, list(prompt_ids))
         logger.info("request %s %s: prompt_tokens=%d max_tokens=%d stream=%s red_flags=%s", request_id, route,
                     len(prompt_ids), job["sampling"]["max_tokens"], body.stream, ",".join(flags.categories) or "-")
-        marks = self._marks(flags)
+        marks = {**self._marks(flags), **(grounding_marks or {})}  # citations ride with the safety marks
         if body.stream:
             return await self._stream(route, request_id, body, job, marks)
         started = time.perf_counter()
@@ -440,8 +445,9 @@ def build_app(args: AppArgs) -> serve.Application:
     return build_application(load_config(args.config, args.set))
 
 
-def build_application(config: Config, *, model: ServedModel | None = None, admission_gate=None) -> serve.Application:
-    """The bound application for `config.serve`; `admission_gate` is the tests' hook.
+def build_application(config: Config, *, model: ServedModel | None = None, admission_gate=None,
+                      retriever_gate=None) -> serve.Application:
+    """The bound application for `config.serve`; `admission_gate` and `retriever_gate` are the tests' hooks.
 
     `model` defaults to `served_model(config)`, resolved once here: every replica serves the
     same directory (a registry version is pinned at this moment)."""
@@ -461,7 +467,7 @@ def build_application(config: Config, *, model: ServedModel | None = None, admis
     ).bind(config_data, model.directory, store, admission_gate)
     gateway = serve.deployment(Gateway, name="Gateway", num_replicas=1, max_surge_percent=100,  # it needs no CPU
                                ray_actor_options={"num_cpus": 0}, max_ongoing_requests=10_000)
-    return gateway.bind(config_data, model, replicas, store, api_key(config))
+    return gateway.bind(config_data, model, replicas, store, api_key(config), bind_retriever(config, retriever_gate))
 
 
 def autoscaling_config(settings) -> dict:

@@ -75,6 +75,10 @@ class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: MaxTokens | None = None
     """The newer name for max_tokens (the openai client sends either)."""
+    grounding: bool | None = None
+    """raymed extension: `false` answers without the knowledge index (and without `citations`);
+    `true` requires grounding (400 `grounding_unavailable` where the server has it off); unset:
+    the server's `serve.grounding`."""
 
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
