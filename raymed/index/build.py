@@ -71,7 +71,7 @@ def _build_into(staging: Path, settings: IndexConfig, progress) -> dict:
               .map(_with_shard, fn_kwargs={"shards": settings.shards})
               .groupby("shard")
               .map_groups(_write_shard, fn_kwargs={"out": str(out)}, batch_format="pyarrow",
-                          concurrency=settings.workers))
+                          compute=ray.data.TaskPoolStrategy(size=settings.workers)))
     summaries = []
     for row in shards.iter_rows():
         summaries.append({k: row[k] for k in ("shard", "passages", "terms")} | {"collections": json.loads(row["collections"])})
@@ -95,7 +95,7 @@ def _passages(settings: IndexConfig):
 
     sources = ray.data.from_items([{"collection": s} for s in settings.sources],
                                   override_num_blocks=max(1, len(settings.sources)))
-    dataset = sources.flat_map(passages.source_passages, concurrency=settings.workers)
+    dataset = sources.flat_map(passages.source_passages, compute=ray.data.TaskPoolStrategy(size=settings.workers))
     if settings.documents:
         documents = read_records(str(Path(settings.documents).expanduser())).flat_map(
             passages.document_passage, fn_kwargs={"origin": Path(settings.documents).name})
