@@ -16,11 +16,12 @@ import threading
 import pytest
 import requests
 from serve_support import Gate, free_port, save_tiny_model, sse_events, start_app, wait_for
+from test_chat import browser  # noqa: F401  (the headless Chromium fixture)
 
 from raymed.chat import ChatClient, run_chat
 from raymed.config import load_config
 from raymed.index import build_index, index_rel
-from raymed.serve.grounding import with_references
+from raymed.serve.grounding import Grounding, with_references
 from raymed.serve.safety import with_system_prompt
 
 MODEL = "tiny"
@@ -125,6 +126,41 @@ def test_raymed_chat_prints_the_citations(url):
     out = io.StringIO()
     run_chat(ChatClient(f"{url}/v1", max_tokens=4), [QUESTION], out=out)
     assert "Sources:\n[1] ICD-10-CM E11.9: Type 2 diabetes mellitus without complications" in out.getvalue()
+
+
+@pytest.mark.slow
+def test_the_chat_page_shows_the_citations(url, browser):  # noqa: F811
+    page = browser.new_page()
+    page.goto(f"{url}/")
+    page.get_by_text(f"Model: {MODEL}").wait_for()
+    page.fill("#prompt", QUESTION)
+    page.click("#send")
+    page.locator(".assistant[data-done=true]").wait_for(timeout=60_000)
+    assert page.get_by_test_id("citations").is_visible()
+    first = page.get_by_test_id("citation").first
+    assert first.get_attribute("data-id") == CODE_ID
+    assert first.inner_text() == "ICD-10-CM E11.9: Type 2 diabetes mellitus without complications"
+    assert "E11.9" in first.get_attribute("title")  # the passage's text, on hover
+    page.close()
+
+
+def test_passages_that_do_not_fit_the_context_are_left_out(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+
+    def encode(messages):
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                     return_dict=True)["input_ids"]
+
+    passages = [{"id": f"documents:{n}", "source": f"doc {n}", "title": "t", "text": "word " * 100} for n in range(3)]
+    messages = with_system_prompt([{"role": "user", "content": QUESTION}])
+    two = len(encode(with_references(messages, passages[:2])))
+    ids, fitted = Grounding(True, passages).fit(messages, encode, context=2 * two)
+    assert [p["id"] for p in fitted.passages] == ["documents:0", "documents:1"] and len(ids) == two
+    ids, fitted = Grounding(True, passages).fit(messages, encode, context=len(encode(messages)) * 2)
+    assert fitted.passages == [] and ids == encode(messages)
+    assert fitted.marks() == {"citations": [], "grounding_warning": "the passages do not fit this model's context"}
 
 
 @pytest.mark.slow

@@ -180,3 +180,13 @@ def _this():
     import sys
 
     return sys.modules[__name__]
+
+
+def index_stage(config) -> dict:
+    """The pipeline's `index` stage (after `assets`): build the index when it is missing, stale
+    or damaged, else a checksum check. Fingerprinted by its files, like the assets stage."""
+    from raymed.pipeline import fingerprint
+
+    manifest = build_index(config.index)
+    print(f"[pipeline] index {config.index.name}: {manifest['state']} ({manifest['summary']['passages']} passages)")
+    return {"index": str(default_cache_dir() / index_rel(config.index.name)), "digest": fingerprint(manifest["files"])}

@@ -275,12 +275,15 @@ class Gateway:
         flags = safety.check([m["content"] for m in messages if m["role"] == "user"])  # the user's own text only
         grounded = await self.grounder.ground(request_id, body.grounding, messages)
         try:
-            prompt_ids = self.tokenizer.apply_chat_template(grounded.prompt(safety.with_system_prompt(messages)),
-                                                            add_generation_prompt=True, tokenize=True,
-                                                            return_dict=True)["input_ids"]
+            prompt_ids, grounded = grounded.fit(safety.with_system_prompt(messages), self._chat_ids,
+                                                self.model.context_length)
         except Exception as err:  # a template that rejects these messages (e.g. roles out of order)
             raise errors.bad_request(f"the model's chat template rejects these messages: {err}", "messages") from None
         return await self._generate("chat", request_id, body, list(prompt_ids), flags, grounded.marks())
+
+    def _chat_ids(self, messages: list[dict[str, str]]) -> list[int]:
+        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                  return_dict=True)["input_ids"]
 
     async def _completions(self, request: Request, request_id: str) -> Response:
         body = await self._parse(request, CompletionRequest)

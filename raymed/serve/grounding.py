@@ -15,7 +15,8 @@ and says why in `grounding_warning`. Nothing retrieved is ever logged (only coun
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 
 from raymed.config import ServeConfig
 from raymed.serve import errors
@@ -75,8 +76,17 @@ class Grounding:
     passages: list[dict] = field(default_factory=list)
     warning: str | None = None
 
-    def prompt(self, messages: list[dict[str, str]]) -> list[dict[str, str]]:
-        return with_references(messages, self.passages)
+    def fit(self, messages: list[dict[str, str]], encode: Callable[[list[dict]], list[int]],
+            context: int) -> tuple[list[int], Grounding]:
+        """The prompt ids of `messages` with the most relevant passages that keep the prompt within
+        half the model's context (the rest is the answer's room), and the Grounding they make:
+        grounding never turns a request that fits into one that does not."""
+        for keep in range(len(self.passages), 0, -1):
+            ids = encode(with_references(messages, self.passages[:keep]))
+            if len(ids) <= context // 2:
+                return ids, replace(self, passages=self.passages[:keep])
+        warning = "the passages do not fit this model's context" if self.passages else self.warning
+        return encode(messages), replace(self, passages=[], warning=warning)
 
     def marks(self) -> dict:
         """Fields the answer carries: nothing when grounding is off."""
