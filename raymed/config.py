@@ -8,6 +8,7 @@ with an error naming the field and the value given.
 
 from __future__ import annotations
 
+from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
@@ -16,7 +17,10 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, f
 
 from raymed.errors import RaymedError
 
-PRESETS_DIR = Path(__file__).resolve().parent.parent / "configs"
+PRESETS = resources.files("raymed.presets")
+"""The YAML presets, shipped inside the package (a wheel or `pip install .` has them)."""
+USER_CONFIGS = Path("configs")
+"""A user's own YAML files, found by name too when run from the directory holding configs/."""
 
 
 class _Section(BaseModel):
@@ -375,8 +379,8 @@ class Config(_Section):
 
 
 def preset_names() -> list[str]:
-    """The YAML presets shipped in configs/."""
-    return sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
+    """The YAML presets shipped in the package (raymed/presets/)."""
+    return sorted(p.name.removesuffix(".yaml") for p in PRESETS.iterdir() if p.name.endswith(".yaml"))
 
 
 def load_config(source: str | Path | None = None, overrides: list[str] = (),
@@ -410,21 +414,31 @@ def with_values(config: Config, values: dict[str, Any]) -> Config:
 
 
 def read_yaml(source: str | Path) -> dict:
-    """A YAML mapping from a path, or from a preset name in configs/."""
+    """A YAML mapping from a path, or by name from ./configs/<name>.yaml (a user's own) or
+    the package's presets."""
+    text, where = _yaml_text(source)
+    try:
+        raw = yaml.safe_load(text) or {}
+    except yaml.YAMLError as err:
+        raise RaymedError(f"config {where} is not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise RaymedError(f"config {where} must be a YAML mapping, got {type(raw).__name__}")
+    return raw
+
+
+def _yaml_text(source: str | Path) -> tuple[str, str]:
+    """The YAML text `source` names, and where it was found."""
     path = Path(source)
     if not path.suffix and not path.exists():
-        path = PRESETS_DIR / f"{source}.yaml"
+        path = USER_CONFIGS / f"{source}.yaml"
+        preset = PRESETS / f"{source}.yaml"
+        if not path.is_file() and preset.is_file():
+            return preset.read_text(), f"preset {source}"
     if not path.is_file():
         raise RaymedError(
             f"config {source!r} not found: give a YAML path or a preset ({', '.join(preset_names())})"
         )
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise RaymedError(f"config {path} is not valid YAML: {err}") from None
-    if not isinstance(raw, dict):
-        raise RaymedError(f"config {path} must be a YAML mapping, got {type(raw).__name__}")
-    return raw
+    return path.read_text(), str(path)
 
 
 def _apply_override(raw: dict, override: str) -> None:

@@ -11,7 +11,9 @@ promote → deploy → ask, all under one run directory, `<storage_path>/runs/<r
 A stage's fingerprint hashes the config fields it depends on and its upstream stages'
 fingerprints (the assets stage's is a hash of the built files' checksums, so a changed
 corpus counts). A stage whose record is complete, whose fingerprint matches and whose
-output paths exist is skipped; otherwise it runs: after a crash with the same inputs it
+output paths exist is skipped (the promote stage only while the registry's current version
+is still the one its gate left: after an outside `raymed promote` or `registry rollback`
+the gate runs again); otherwise it runs: after a crash with the same inputs it
 continues (training resumes from its latest checkpoint, a sweep from its experiment),
 after a change of inputs its stale outputs are removed first. `assets` (a cheap checksum
 check that builds only what is missing), `deploy` and `ask` (their outputs live in the
@@ -61,6 +63,9 @@ class Stage:
     upstream: tuple[str, ...] = ()
     clear: Callable[[], None] | None = None
     """Removes the stage's outputs before it re-runs on changed inputs."""
+    still_true: Callable[[dict], bool] | None = None
+    """Whether a finished run's outputs still describe the world outside the run directory
+    (the registry's current version may have moved since the gate ran); when not, it runs again."""
 
 
 @dataclass
@@ -86,7 +91,8 @@ def run_stages(stages: list[Stage], records: Path, log: Callable[[str], None] = 
         upstream = {name: done[name].fingerprint for name in stage.upstream}
         expected = fingerprint({"inputs": stage.inputs(), "upstream": upstream}) if stage.inputs else None
         record = read_record(records, stage.name)
-        if expected and is_complete(record, expected):
+        if expected and is_complete(record, expected) and (stage.still_true is None
+                                                            or stage.still_true(record["outputs"])):
             log(f"[pipeline] {stage.name}: skipped (up to date, fingerprint {expected[:12]})")
             done[stage.name] = StageRun(stage.name, "skipped", 0.0, expected, record["outputs"])
             continue
@@ -186,7 +192,8 @@ def raymed_stages(config: Config, log: Callable[[str], None]) -> list[Stage]:
         Stage("promote", lambda up: promote_stage(c, up["train"], up["evaluate"], log), upstream=("train", "evaluate"),
               clear=lambda: _remove(run_dir(c) / "promote"),
               inputs=lambda: {"eval": c.eval.model_dump(), "registry": c.registry.model_dump(),
-                              "storage": c.storage_path}),
+                              "storage": c.storage_path},
+              still_true=lambda outputs: _registry_current(c) == outputs["current"]),
         Stage("deploy", lambda up: deploy_stage(c), inputs=None, upstream=("promote",)),
         Stage("ask", lambda up: ask_stage(c, up["deploy"], up["promote"], log), inputs=None,
               upstream=("deploy", "promote")),
@@ -365,6 +372,14 @@ def _corpus_digest(config: Config) -> str:
 
     digest = data_fingerprint(config)
     return fingerprint([digest["sha256"], digest["not_hashed"]])
+
+
+def _registry_current(config: Config) -> str | None:
+    """The registry's current version now (a `raymed promote` or `registry rollback` outside
+    the pipeline moves it, and the gate must then run again)."""
+    from raymed.registry import Registry
+
+    return Registry.for_config(config).current()
 
 
 def _remove_training(config: Config) -> None:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from raymed.config import Config, EvalConfig
@@ -64,8 +64,9 @@ def promote_best(candidates: Sequence[str | Path], config: Config, *, source: st
     """Evaluate `candidates` (model directories, checkpoints, or run directories holding
     `checkpoint_*`) against the registry's current version (registering the base model as
     v1 on first use) and promote the best if it passes the gate. `source` names the run or
-    trial for the manifest. A candidate already scored in `scored_report` (an eval.json of
-    the same items, as the pipeline's evaluate stage writes) is not scored again. Writes
+    trial for the manifest. A candidate already scored in `scored_report` (an eval.json, as
+    the pipeline's evaluate stage writes, of the same files on the same items) is not
+    scored again. Writes
     eval.json / eval.md (with the decision) to `out_dir` (default
     <storage_path>/runs/<run_name>/promote/)."""
     directories = list(dict.fromkeys(d for c in candidates for d in find_checkpoints(c)))
@@ -77,7 +78,7 @@ def promote_best(candidates: Sequence[str | Path], config: Config, *, source: st
     labels = {f"c{i}": d for i, d in enumerate(directories, 1)}
     items_path = resolve_items_path(config.eval.mcq_path)
     items = load_items(items_path, max_items=config.eval.max_items, seed=config.seed)
-    known = _scored_candidates(scored_report, labels, items, str(items_path), config.seed) if scored_report else {}
+    known = _scored_candidates(scored_report, labels, items) if scored_report else {}
     to_score = models | {label: d for label, d in labels.items() if label not in known}
     results = evaluate_models(config, to_score, items=items, validation=validation)[1] if to_score else {}
     results = {label: results[label] if label in results else known[label] for label in [*models, *labels]}
@@ -101,18 +102,13 @@ def promote_best(candidates: Sequence[str | Path], config: Config, *, source: st
     return PromotionResult(accepted, reason, version, current, best.path, report, json_path)
 
 
-def _scored_candidates(report_path: str | Path, labels: dict[str, Path], items: list[dict], items_path: str,
-                       seed: int) -> dict[str, ModelEval]:
-    """The candidates (by label) whose scores `report_path` already holds for these items."""
+def _scored_candidates(report_path: str | Path, labels: dict[str, Path], items: list[dict]) -> dict[str, ModelEval]:
+    """The candidates (by label) whose scores `report_path` already holds: the same files
+    scored on the same items."""
     report = json.loads(Path(report_path).read_text())
-    by_directory = {str(resolve_model_dir(model["path"])): name for name, model in report["models"].items()}
-    known = {}
-    for label, directory in labels.items():
-        name = by_directory.get(str(resolve_model_dir(directory)))
-        scores = read_scores(report, name, items, items_path, seed) if name else None
-        if scores is not None:
-            known[label] = replace(scores, label=label)
-    return known
+    found = {label: read_scores(report, items, resolve_model_dir(directory), label)
+             for label, directory in labels.items()}
+    return {label: scores for label, scores in found.items() if scores is not None}
 
 
 def ensure_base(registry: Registry, config: Config) -> str | None:

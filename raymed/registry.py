@@ -38,7 +38,7 @@ STAGING_PREFIX = ".staging-"
 VERSION = re.compile(r"^v([1-9][0-9]*)$")
 MODEL_SUFFIXES = (".safetensors", ".json", ".jinja", ".txt", ".model")
 """Files a version keeps from a model directory (weights as safetensors only)."""
-SKIPPED = {"trainer_state.json", MANIFEST}
+SKIPPED = {"trainer_state.json", "raymed_complete.json", MANIFEST}
 """Training state that is not part of the model."""
 
 
@@ -102,7 +102,7 @@ class Registry:
             path = directory / name
             if not path.is_file():
                 problems.append(f"{name} is missing")
-            elif path.stat().st_size != expected["size"] or _sha256(path) != expected["sha256"]:
+            elif path.stat().st_size != expected["size"] or file_sha256(path) != expected["sha256"]:
                 problems.append(f"{name} differs from its manifest")
         return problems
 
@@ -150,7 +150,7 @@ class Registry:
             files = {}
             for source in model_files(model_dir):
                 _copy_file(source, staging / source.name)
-                files[source.name] = {"size": source.stat().st_size, "sha256": _sha256(staging / source.name)}
+                files[source.name] = {"size": source.stat().st_size, "sha256": file_sha256(staging / source.name)}
             full = {"name": self.name, "version": version, "created": _now(), **manifest, "files": files}
             _write_synced(staging / MANIFEST, json.dumps(full, indent=1) + "\n")
             _fsync_dir(staging)
@@ -218,7 +218,7 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):

@@ -49,7 +49,15 @@ def assert_packing_invariants(examples, blocks, block_size: int) -> None:
 
     # Every real token appears exactly once, in order, with its own label.
     assert [t for b in blocks for t in real_part(b, "input_ids")] == [t for ids, _ in examples for t in ids]
-    assert [t for b in blocks for t in real_part(b, "labels")] == [t for _, labels in examples for t in labels]
+    # ... except each example's first token, which nothing in its own example predicts.
+    assert [t for b in blocks for t in real_part(b, "labels")] == [
+        t for _, labels in examples for t in [IGNORE_INDEX, *labels[1:]]
+    ]
+    # So no labelled token is predicted from another example's token.
+    for block in blocks:
+        for t in range(1, block_size):
+            if block["labels"][t] != IGNORE_INDEX:
+                assert block["position_ids"][t] != 0
 
     # Positions restart at 0 at each example and count up through it.
     assert [p for b in blocks for p in real_part(b, "position_ids")] == [
@@ -146,3 +154,11 @@ def test_random_examples_pack_losslessly(seed):
     assert_packing_invariants(examples, blocks, block_size)
     assert sum(b["real_tokens"] for b in blocks) == sum(len(ids) for ids, _ in examples)
     assert (len(blocks) == 0) == (len(examples) == 0)
+
+
+def test_text_examples_never_train_across_their_boundary():
+    # Plain text labels every token; packed, the first token of each example is unlabelled,
+    # or the previous example's last token would be trained to predict it.
+    texts = [([5, 6, 7], [5, 6, 7]), ([8, 9], [8, 9]), ([10, 11, 12], [10, 11, 12])]
+    (block,) = pack(texts, 16, PAD)
+    assert block["labels"][:8] == [IGNORE_INDEX, 6, 7, IGNORE_INDEX, 9, IGNORE_INDEX, 11, 12]

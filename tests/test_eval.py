@@ -22,10 +22,10 @@ from raymed.eval import (
     paired_bootstrap,
     render_table,
     resolve_model_dir,
-    val_metrics,
     validation_blocks,
 )
 from raymed.mcq import option_logprobs, pick
+from raymed.train.metrics import val_metrics
 
 ORGANS = ["heart", "liver", "kidney", "lung"]  # one or two tokens each, differing from the first
 KNOWN = [("Which organ pumps blood around the body?", 0), ("Which organ filters blood to make urine?", 2)]

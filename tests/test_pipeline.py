@@ -106,6 +106,38 @@ def test_an_always_run_stage_with_the_same_outputs_leaves_downstream_skipped(tmp
     assert run() == {"check": "ran", "a": "ran", "b": "ran"}
 
 
+def test_a_stage_whose_outputs_no_longer_hold_runs_again(tmp_path):
+    # The promote stage's outputs name the registry's current version; once something outside
+    # the pipeline moves it, the gate's decision is stale.
+    chain = Chain(tmp_path)
+    world = {"current": "v2"}
+    chain.run()
+
+    def run() -> dict[str, str]:
+        gate = Stage("gate", lambda up: {"current": world["current"]}, inputs=lambda: {"metric": "val_loss"},
+                     upstream=("a",), still_true=lambda outputs: outputs["current"] == world["current"])
+        return statuses(run_stages([chain.stage("a", ()), gate], tmp_path / "records", log=lambda line: None))
+
+    assert run() == {"a": "skipped", "gate": "ran"}
+    assert run() == {"a": "skipped", "gate": "skipped"}
+    world["current"] = "v1"  # e.g. `raymed registry rollback v1`
+    assert run() == {"a": "skipped", "gate": "ran"}
+    assert run() == {"a": "skipped", "gate": "skipped"}
+
+
+def test_the_promote_stage_is_stale_once_the_registry_current_moves(tiny_model, tmp_path):
+    from raymed.registry import Registry
+
+    config = load_config("ci-tiny", [f"storage_path={tmp_path}"])
+    registry = Registry.for_config(config)
+    for seed in (0, 1):
+        registry.add(tiny_model.save(tiny_model(seed), tmp_path / f"m{seed}"), {"metrics": {}})
+    (promote,) = [s for s in raymed_stages(config, log=print) if s.name == "promote"]
+    assert promote.still_true({"current": "v2"})
+    registry.rollback("v1")
+    assert not promote.still_true({"current": "v2"})
+
+
 def test_a_torn_record_counts_as_not_done(tmp_path):
     chain = Chain(tmp_path)
     chain.run()

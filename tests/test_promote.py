@@ -5,6 +5,7 @@ with the registry left untouched."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -130,13 +131,18 @@ def test_promotion_end_to_end(ray_cluster, tiny_model, tmp_path):
     assert {p: p.stat().st_mtime_ns for p in registry.root.rglob("*") if p.name != ".lock"} == snapshot
 
     # A candidate the report of an earlier evaluation (the pipeline's evaluate stage) already
-    # scored on these items is not scored again: a marked score in that report decides.
+    # scored is not scored again, matched on what was scored: the same files (wherever they
+    # are) on the same items. A marked score in that report decides.
     report = json.loads(rejected.report_path.read_text())
     report["models"]["c1"]["metrics"]["val_loss"] = 0.5
     marked, other_items = tmp_path / "marked.json", tmp_path / "other_items.json"
     marked.write_text(json.dumps(report))
-    other_items.write_text(json.dumps(report | {"items": report["items"] | {"seed": 1}}))
+    other_items.write_text(json.dumps(report | {"items": report["items"] | {"sha256": "0" * 64}}))
     rescored = promote_best([worse], config, source="trial_3", scored_report=other_items)
     assert not rescored.accepted and rescored.report["models"]["c1"]["metrics"]["val_loss"] > 0.5
-    reused = promote_best([worse], config, source="trial_3", scored_report=marked)
+    kept = shutil.copytree(worse, tmp_path / "worse-files")
+    tiny_model.save(tiny_model(seed=6), worse)  # the same path, other weights: scored afresh
+    rewritten = promote_best([worse], config, source="trial_3", scored_report=marked)
+    assert not rewritten.accepted and rewritten.report["models"]["c1"]["metrics"]["val_loss"] > 0.5
+    reused = promote_best([kept], config, source="trial_3", scored_report=marked)
     assert reused.accepted and reused.report["models"]["c1"]["metrics"]["val_loss"] == 0.5

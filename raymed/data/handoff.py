@@ -7,6 +7,10 @@ Deterministic mode: every worker reads the whole ordered (seed-shuffled, materia
 dataset and keeps its own slice of each global batch: rank r takes rows
 [r·micro, (r+1)·micro) of global batch i. Same seed → same batches on the same rank in
 the same order; a resumed run skips the global batches already consumed.
+
+Validation is never split by Ray: every worker reads every block and keeps its slices
+of each global batch as in deterministic mode, the last, incomplete one included, so a
+validation pass scores every block exactly once (as `raymed eval` does).
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ def train_data_config(deterministic: bool) -> DataConfig:
     """The `dataset_config` for `TorchTrainer`."""
     if deterministic:
         return DataConfig(datasets_to_split=[], execution_options=ExecutionOptions(preserve_order=True))
-    return DataConfig()
+    return DataConfig(datasets_to_split=["train"])
 
 
 def worker_batches(key: str, micro_batch_size: int, *, deterministic: bool, skip_batches: int = 0) -> Iterator[dict[str, torch.Tensor]]:
@@ -43,18 +47,31 @@ def worker_batches(key: str, micro_batch_size: int, *, deterministic: bool, skip
     )
 
 
-def rank_batches(source, micro_batch_size: int, *, rank: int, world_size: int,
-                 deterministic: bool, skip_batches: int = 0) -> Iterator[dict[str, torch.Tensor]]:
+def validation_batches(micro_batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
+    """Inside a Ray Train worker: this rank's share of every validation block."""
+    import ray.train
+
+    context = ray.train.get_context()
+    return rank_batches(ray.train.get_dataset_shard("validation"), micro_batch_size,
+                        rank=context.get_world_rank(), world_size=context.get_world_size(),
+                        deterministic=True, drop_last=False)
+
+
+def rank_batches(source, micro_batch_size: int, *, rank: int, world_size: int, deterministic: bool,
+                 skip_batches: int = 0, drop_last: bool = True) -> Iterator[dict[str, torch.Tensor]]:
     """Batches for `rank` from a Dataset or DataIterator (this rank's shard when streaming,
-    the whole dataset when deterministic). Incomplete final batches are dropped so every
-    rank takes the same number of steps."""
+    the whole dataset when deterministic). With `drop_last` (training) incomplete final
+    batches are dropped so every rank takes the same number of steps; without it (validation)
+    a rank whose slice of the last batch is empty gets nothing more."""
     width = micro_batch_size * world_size if deterministic else micro_batch_size
     lo = rank * micro_batch_size if deterministic else 0
-    batches = source.iter_batches(batch_size=width, drop_last=True, batch_format="numpy")
+    batches = source.iter_batches(batch_size=width, drop_last=drop_last, batch_format="numpy")
     for index, batch in enumerate(batches):
         if index < skip_batches:
             continue
-        yield {name: torch.as_tensor(batch[name][lo : lo + micro_batch_size]) for name in HANDOFF_FIELDS}
+        rows = {name: batch[name][lo : lo + micro_batch_size] for name in HANDOFF_FIELDS}
+        if len(rows["input_ids"]):
+            yield {name: torch.as_tensor(values) for name, values in rows.items()}
 
 
 def prefetched(batches: Iterator[dict[str, torch.Tensor]], *, pin_memory: bool, depth: int = 2) -> Iterator[dict[str, torch.Tensor]]:

@@ -6,7 +6,8 @@ IGNORE_INDEX). `position_ids` restart at 0 for each example, which is what Huggi
 models use to keep examples apart with variable-length attention (flash-attention
 kernels); with eager/SDPA attention a token may still attend to earlier examples in the
 same block — the usual trade-off of packing, documented rather than hidden. Loss never
-crosses examples: labels are per-example and padding is ignored.
+crosses examples: labels are per-example, each example's first token is unlabelled (it
+would be predicted from the previous example's last token), and padding is ignored.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ def pack(
             yield _block(ids, labels, positions, block_size, pad_id)
             ids, labels, positions = [], [], []
         ids += example_ids
-        labels += example_labels
+        labels += [IGNORE_INDEX, *example_labels[1:]]
         positions += range(len(example_ids))
     if ids:
         yield _block(ids, labels, positions, block_size, pad_id)

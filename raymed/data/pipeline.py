@@ -241,7 +241,7 @@ class Tokenize:
             return {**out, "error": err.reason}
         if len(ids) > self.block_size:
             return {**out, "error": "longer_than_block"}
-        if all(label < 0 for label in labels):
+        if all(label < 0 for label in labels[1:]):  # packing unlabels the first token
             return {**out, "error": "nothing_to_train"}
         digest = hashlib.blake2b(f"{self.seed}\0{row['record']}".encode(), digest_size=16).digest()
         if row.get("forced_split") is None and int.from_bytes(digest[8:], "big") / 2**64 < self.val_fraction:

@@ -49,15 +49,15 @@ def test_pickled_weights_in_a_model_directory_are_never_loaded(tmp_path):
 
 
 def test_pickled_optimizer_state_in_a_checkpoint_is_refused(tmp_path):
-    from raymed.train import _load_tensors
+    from raymed.train.checkpoint import load_tensors
 
     marker = tmp_path / "pwned"
     _plant(tmp_path / "optimizer.pt", marker)
     with pytest.raises(RaymedError, match="optimizer.pt is unreadable"):
-        _load_tensors(tmp_path / "optimizer.pt")
+        load_tensors(tmp_path / "optimizer.pt")
     assert not marker.exists()
     torch.save({"step": torch.tensor(3)}, tmp_path / "good.pt")  # tensors alone still load
-    assert _load_tensors(tmp_path / "good.pt")["step"].item() == 3
+    assert load_tensors(tmp_path / "good.pt")["step"].item() == 3
 
 
 FORBIDDEN = {

@@ -1,0 +1,1 @@
+"""The YAML config presets (package data), read by raymed.config."""
