@@ -6,8 +6,12 @@ prompts, in the same run. Prints JSON.
     python bench/serve_load.py --concurrency 1 4 16 --requests 32 --max-tokens 32 \\
         --baseline-model smollm2-135m-instruct
 
-Chat requests (streamed, greedy) use the user turns of the default corpus's validation
-split. Works the same against a GPU deployment (the baseline then runs on the GPU too).
+Chat requests (streamed, greedy unless --temperature) use the user turns of the default
+corpus's validation split. `--temperature/--top-p/--logprobs/--penalties` set the sampling
+fields; `--compare-sampling` runs every level three ways in the same run (greedy; sampled at
+temperature 0.7, top_p 0.9, frequency penalty 0.5; greedy with logprobs, top 5) and reports
+each one's tokens/s against greedy. Works the same against a GPU deployment (the baseline
+then runs on the GPU too).
 """
 
 from __future__ import annotations
@@ -33,18 +37,24 @@ def main() -> None:
               "prompt_chars": args.prompt_chars,
               "requests_per_level": f"{args.rounds} x concurrency" if args.rounds else args.requests,
               "machine": machine(), "levels": []}
+    variants = SAMPLING_VARIANTS if args.compare_sampling else {"as given": {}}
     for concurrency in args.concurrency:
         count = concurrency * args.rounds if args.rounds else args.requests
-        result = asyncio.run(run_level(args, model, prompts[:count], concurrency))
-        report["levels"].append(result)
-        print(json.dumps(result), flush=True)
+        for name, overrides in variants.items():
+            result = asyncio.run(run_level(argparse.Namespace(**{**vars(args), **overrides}), model,
+                                           prompts[:count], concurrency))
+            report["levels"].append({"variant": name, "sampling": sampling_fields(
+                argparse.Namespace(**{**vars(args), **overrides})), **result})
+            print(json.dumps(report["levels"][-1]), flush=True)
+    if args.compare_sampling:
+        report["vs_greedy"] = vs_greedy(report["levels"])
     if args.baseline_model:
         report["baseline"] = baseline(args.baseline_model, prompts[: args.baseline_requests], args.max_tokens,
                                       args.baseline_threads, args.baseline_batch)
         print(json.dumps({"baseline": report["baseline"]}), flush=True)
         base = report["baseline"]["generated_tokens_per_s"]
-        report["speedup_vs_baseline"] = {str(level["concurrency"]): round(level["generated_tokens_per_s"] / base, 2)
-                                         for level in report["levels"]}
+        report["speedup_vs_baseline"] = {f"{level['variant']} @ {level['concurrency']}":
+                                         round(level["generated_tokens_per_s"] / base, 2) for level in report["levels"]}
     report["load_avg_at_end"] = [round(x, 2) for x in os.getloadavg()]
     print(json.dumps(report, indent=2))
 
@@ -58,6 +68,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--requests", type=int, default=32, help="requests per concurrency level")
     parser.add_argument("--rounds", type=int, help="instead of --requests: concurrency × ROUNDS requests per level")
     parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--temperature", type=float, default=0, help="default 0 (greedy)")
+    parser.add_argument("--top-p", type=float, help="default: not sent (the model's default)")
+    parser.add_argument("--logprobs", type=int, metavar="TOP", help="ask for logprobs with TOP alternatives")
+    parser.add_argument("--penalties", type=float, metavar="F", help="frequency_penalty F")
+    parser.add_argument("--compare-sampling", action="store_true",
+                        help="run each level greedy, sampled and with logprobs (see the module docstring)")
     parser.add_argument("--prompt-chars", type=int, nargs=2, default=(0, None), metavar=("MIN", "MAX"),
                         help="prompt length range in characters (about 4 per token)")
     parser.add_argument("--warmup", type=int, default=2, help="requests sent before each level, not counted")
@@ -131,9 +147,42 @@ async def run_level(args, model: str, prompts: list[str], concurrency: int) -> d
     }
 
 
+SAMPLING_VARIANTS = {
+    "greedy": {"temperature": 0, "top_p": None, "logprobs": None, "penalties": None},
+    "sampled": {"temperature": 0.7, "top_p": 0.9, "logprobs": None, "penalties": 0.5},
+    "logprobs": {"temperature": 0, "top_p": None, "logprobs": 5, "penalties": None},
+}
+
+
+def sampling_fields(args) -> dict:
+    """The request's sampling fields from the flags (unset ones are not sent)."""
+    fields = {"temperature": args.temperature}
+    if args.top_p is not None:
+        fields["top_p"] = args.top_p
+    if args.logprobs is not None:
+        fields |= {"logprobs": True, "top_logprobs": args.logprobs}
+    if args.penalties is not None:
+        fields["frequency_penalty"] = args.penalties
+    return fields
+
+
+def vs_greedy(levels: list[dict]) -> dict[str, list[float]]:
+    """Each variant's generated tokens/s over the greedy level run just before it at the same
+    concurrency (one ratio per repeat of that concurrency)."""
+    ratios: dict[str, list[float]] = {}
+    greedy: dict[int, float] = {}
+    for level in levels:
+        if level["variant"] == "greedy":
+            greedy[level["concurrency"]] = level["generated_tokens_per_s"]
+        elif greedy.get(level["concurrency"]):
+            ratios.setdefault(f"{level['variant']} @ {level['concurrency']}", []).append(
+                round(level["generated_tokens_per_s"] / greedy[level["concurrency"]], 3))
+    return ratios
+
+
 async def one_request(session: aiohttp.ClientSession, args, model: str, prompt: str) -> dict:
     body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": args.max_tokens,
-            "temperature": 0, "stream": args.stream}
+            "stream": args.stream, **sampling_fields(args)}
     if args.stream:
         body["stream_options"] = {"include_usage": True}
     started = time.perf_counter()

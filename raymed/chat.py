@@ -51,7 +51,8 @@ class ChatClient:
     api_key: str | None = None
     model: str | None = None
     max_tokens: int | None = None
-    temperature: float = 0.7
+    temperature: float | None = None
+    """None: the served model's default (its generation_config.json; `/v1/models` shows it)."""
     timeout_s: float = 300
     history: list[dict] = field(default_factory=list)
 
@@ -81,9 +82,11 @@ class ChatClient:
     def ask(self, question: str, out: TextIO) -> Answer:
         """Stream the answer to `question` into `out`; banner first, disclaimer last."""
         messages = [*self.history, {"role": "user", "content": question}]
-        body = {"model": self.served_model(), "messages": messages, "stream": True, "temperature": self.temperature}
+        body = {"model": self.served_model(), "messages": messages, "stream": True}
         if self.max_tokens is not None:
             body["max_tokens"] = self.max_tokens
+        if self.temperature is not None:
+            body["temperature"] = self.temperature
         answer = Answer()
         with self._request("POST", "/chat/completions", json=body, stream=True) as response:
             for chunk in _sse_payloads(response):

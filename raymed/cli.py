@@ -159,7 +159,8 @@ def _parser() -> argparse.ArgumentParser:
     chat.add_argument("--api-key", default=None, help="the server's API key (default: $RAYMED_API_KEY)")
     chat.add_argument("--model", default=None, help="the model name (default: the one the server serves)")
     chat.add_argument("--max-tokens", type=int, default=None, help="answer length cap (default: the server's)")
-    chat.add_argument("--temperature", type=float, default=0.7)
+    chat.add_argument("--temperature", type=float, default=None,
+                      help="sampling temperature (default: the served model's own, from its generation config)")
     chat.add_argument("-m", "--message", dest="messages", action="append", default=[], metavar="TEXT",
                       help="ask TEXT and exit (repeatable: one conversation); without it, read questions from stdin")
     chat.set_defaults(run=_run_chat)

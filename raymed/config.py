@@ -302,6 +302,16 @@ class ServeConfig(_Section):
     captured on first use) instead of launching its kernels one by one from Python."""
     default_max_tokens: int = Field(256, ge=1)
     """`max_tokens` when a request gives none (capped by the model's context)."""
+    default_temperature: float = Field(1.0, ge=0, le=2)
+    """`temperature` when neither the request nor the model's generation_config.json gives one."""
+    default_top_p: float = Field(1.0, gt=0, le=1)
+    """`top_p` when neither the request nor the model's generation_config.json gives one."""
+    default_repetition_penalty: float = Field(1.0, gt=0, le=10)
+    """`repetition_penalty` when neither the request nor the model's generation_config.json gives one."""
+    max_n: int = Field(4, ge=1)
+    """The most choices (`n`) one prompt may ask for."""
+    max_choices: int = Field(32, ge=1)
+    """The most choices one request may ask for in all (prompts x n; batched completions)."""
     request_timeout_s: float = Field(120, gt=0)
     max_body_bytes: int = Field(1_000_000, ge=1024)
     num_cpus: float = Field(1, gt=0)

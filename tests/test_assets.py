@@ -141,3 +141,33 @@ def test_cli_check_fails_when_assets_are_missing(tmp_path, capsys):
     out = capsys.readouterr()
     assert "model           missing" in out.out
     assert "run `raymed assets`" in out.err
+
+
+def test_the_converted_model_and_what_is_trained_from_it_carry_the_recommended_sampling(tmp_path, smollm2_tokenizer):
+    """`raymed assets` writes SmolLM2-Instruct's sampling into the converted model's
+    generation config; a training checkpoint and a registry version keep it; Serve reads it."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from raymed.assets.models import without_quantization
+    from raymed.config import ServeConfig
+    from raymed.registry import Registry
+    from raymed.serve.model_source import sampling_defaults
+    from raymed.train import save_checkpoint_model
+
+    torch.manual_seed(0)
+    gguf_like = AutoModelForCausalLM.from_config(LlamaConfig(vocab_size=256, hidden_size=16, intermediate_size=32,
+                                                             num_hidden_layers=1, num_attention_heads=2))
+    gguf_like.config.quantization_config = {"quant_method": "gguf"}  # what the GGUF loader leaves behind
+    converted = without_quantization(gguf_like)
+    converted.save_pretrained(tmp_path / "converted")
+    expected = {"temperature": 0.2, "top_p": 0.9, "repetition_penalty": 1.0}
+    assert sampling_defaults(tmp_path / "converted", ServeConfig()) == expected
+
+    trained = AutoModelForCausalLM.from_pretrained(tmp_path / "converted")  # as raymed.train loads a base model
+    save_checkpoint_model(trained, smollm2_tokenizer, tmp_path / "checkpoint")
+    assert sampling_defaults(tmp_path / "checkpoint", ServeConfig()) == expected
+    registry = Registry(tmp_path / "registry" / "medical-assistant")
+    version = registry.add(tmp_path / "checkpoint", {"metrics": {}})
+    assert sampling_defaults(registry.path(version), ServeConfig()) == expected
+    assert sampling_defaults(tmp_path / "nowhere", ServeConfig(default_temperature=0.5))["temperature"] == 0.5

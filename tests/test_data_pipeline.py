@@ -11,6 +11,7 @@ import pytest
 
 from raymed.config import load_config
 from raymed.data.handoff import rank_batches
+from raymed.data.records import IGNORE_INDEX
 from raymed.data.pipeline import build_datasets
 from raymed.errors import RaymedError
 
@@ -54,13 +55,18 @@ def test_each_format_reads_the_same_records(tmp_path):
         assert blocks == reference, name
 
 
-def test_plain_text_paragraphs_train_on_every_token(tmp_path):
+def test_plain_text_paragraphs_train_on_every_token_but_never_across_examples(tmp_path):
     (tmp_path / "notes.txt").write_text("Fever is a raised body temperature.\n\nAnemia is a lack of red cells.\n")
     datasets, stats = build_datasets(_config(tmp_path / "notes.txt", "data.val_fraction=0.01"))
     assert (stats.shape, stats.kept) == ("text", 2)
     [block] = datasets["train"].take_all()
     real = block["real_tokens"]
-    assert (block["labels"][:real] == block["input_ids"][:real]).all()
+    starts = block["position_ids"][:real] == 0
+    assert starts.sum() == 2  # both paragraphs share the block
+    # Each example's first token is unlabelled (the previous example's last token would
+    # otherwise be trained to predict it); every other token trains.
+    assert (block["labels"][:real][starts] == IGNORE_INDEX).all()
+    assert (block["labels"][:real][~starts] == block["input_ids"][:real][~starts]).all()
 
 
 def test_bad_rows_are_counted_by_reason_and_totals_add_up(tmp_path):

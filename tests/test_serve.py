@@ -251,7 +251,7 @@ BAD_REQUESTS = [
      b'{"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "temperature": NaN}', 400, "temperature"),
     ("top-p-zero", "/v1/chat/completions", {**GOOD_CHAT, "top_p": 0}, 400, "top_p"),
     ("top-p-nan", "/v1/completions", b'{"model": "tiny", "prompt": "Hi", "top_p": NaN}', 400, "top_p"),
-    ("two-choices", "/v1/chat/completions", {**GOOD_CHAT, "n": 2}, 400, "n"),
+    ("too-many-choices", "/v1/chat/completions", {**GOOD_CHAT, "n": 5}, 400, "n"),
     ("five-stops", "/v1/chat/completions", {**GOOD_CHAT, "stop": list("abcde")}, 400, "stop"),
     ("no-prompt", "/v1/completions", {"model": MODEL}, 400, "prompt"),
     ("empty-prompt", "/v1/completions", {"model": MODEL, "prompt": ""}, 400, "prompt"),
@@ -312,8 +312,25 @@ def test_the_load_benchmark_measures_the_endpoint(url):
     prompts = bench.load_prompts(4, min_chars=200, max_chars=400)
     assert all(200 <= len(p) <= 400 for p in prompts)
     for stream in (True, False):
-        args = argparse.Namespace(url=url, api_key=None, max_tokens=4, warmup=1, stream=stream)
+        args = argparse.Namespace(url=url, api_key=None, max_tokens=4, warmup=1, stream=stream, temperature=0.7,
+                                  top_p=0.9, logprobs=2, penalties=0.5)
         level = asyncio.run(bench.run_level(args, MODEL, prompts, concurrency=2))
         assert (level["ok"], level["errors"]) == (4, {})
         assert level["generated_tokens"] == 16 and level["generated_tokens_per_s"] > 0
         assert 0 < level["ttft_s"]["p50"] <= level["e2e_s"]["p50"]
+
+
+def test_the_load_benchmark_compares_each_variant_with_the_greedy_level_before_it():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "bench" / "serve_load.py"
+    spec = importlib.util.spec_from_file_location("serve_load", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    levels = [{"variant": v, "concurrency": 16, "generated_tokens_per_s": t}
+              for v, t in (("greedy", 40), ("sampled", 30), ("logprobs", 20), ("greedy", 30), ("sampled", 30))]
+    assert bench.vs_greedy(levels) == {"sampled @ 16": [0.75, 1.0], "logprobs @ 16": [0.5]}
+    args = bench._parser().parse_args(["--temperature", "0.7", "--top-p", "0.9", "--logprobs", "5", "--penalties", "0.5"])
+    assert bench.sampling_fields(args) == {"temperature": 0.7, "top_p": 0.9, "logprobs": True, "top_logprobs": 5,
+                                           "frequency_penalty": 0.5}

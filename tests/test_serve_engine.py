@@ -122,3 +122,110 @@ def test_an_end_of_sequence_token_stops_the_answer(model_and_tokenizer):
     text, last = asyncio.run(main())
     assert last.finish_reason == "stop" and last.completion_tokens == greedy_ids.index(eos) + 1
     assert text == model_and_tokenizer[1].decode(greedy_ids[:greedy_ids.index(eos)], skip_special_tokens=True)
+
+
+def _greedy_ids(model_and_tokenizer, ids, count):
+    return model_and_tokenizer[0].generate(torch.tensor([ids]), max_new_tokens=count, do_sample=False,
+                                           pad_token_id=0)[0, len(ids):].tolist()
+
+
+def test_text_held_back_as_a_possible_stop_is_sent_when_the_sequence_ends(model_and_tokenizer):
+    """A stop string's first character at the end of the answer is held back; the end of
+    sequence arriving next must send it (it used to be lost)."""
+    tokenizer = model_and_tokenizer[1]
+    ids = tokenizer(PROMPTS[0])["input_ids"]
+    greedy_ids = _greedy_ids(model_and_tokenizer, ids, 6)
+    eos = greedy_ids[3]
+    before = tokenizer.decode(greedy_ids[:greedy_ids.index(eos)], skip_special_tokens=True)
+    stop = before[-1] + "\x07never"
+
+    async def main():
+        return await collect(make_engine(model_and_tokenizer, eos={eos}), "r", ids,
+                             SamplingParams(max_tokens=6, temperature=0, stop=(stop,)))
+
+    text, last = asyncio.run(main())
+    assert last.finish_reason == "stop"
+    assert text == before
+
+
+def _run_together(model_and_tokenizer, ids, params_list):
+    async def main():
+        engine = make_engine(model_and_tokenizer, max_batch_size=len(params_list))
+        return await asyncio.gather(*(collect(engine, str(i), ids, p) for i, p in enumerate(params_list)))
+
+    return asyncio.run(main())
+
+
+def test_logit_bias_applies_to_its_own_row_only(model_and_tokenizer):
+    tokenizer = model_and_tokenizer[1]
+    ids = tokenizer(PROMPTS[3])["input_ids"]
+    forced = tokenizer(" fever", add_special_tokens=False)["input_ids"][0]
+    (biased, _), (plain, _) = _run_together(model_and_tokenizer, ids, [
+        SamplingParams(max_tokens=5, temperature=0, logit_bias=((forced, 100.0),)),
+        SamplingParams(max_tokens=5, temperature=0)])
+    assert biased == tokenizer.decode([forced] * 5)
+    assert plain == reference(model_and_tokenizer, ids, 5)
+
+
+def test_each_penalty_stops_the_repeats_a_logit_bias_causes(model_and_tokenizer):
+    """+2 on one token makes the random model say it every time (its logits span about
+    +-0.7); each penalty, in its own row of one batch, must break that."""
+    tokenizer = model_and_tokenizer[1]
+    ids = tokenizer(PROMPTS[1])["input_ids"]
+    favourite = tokenizer(" fever", add_special_tokens=False)["input_ids"][0]
+    bias = ((favourite, 2.0),)
+    results = _run_together_logprobs(model_and_tokenizer, ids, [
+        SamplingParams(max_tokens=24, temperature=0, logit_bias=bias, logprobs=0),
+        SamplingParams(max_tokens=24, temperature=0, logit_bias=bias, logprobs=0, frequency_penalty=1.0),
+        SamplingParams(max_tokens=24, temperature=0, logit_bias=bias, logprobs=0, presence_penalty=2.0),
+        SamplingParams(max_tokens=24, temperature=0, logit_bias=bias, logprobs=0, repetition_penalty=5.0)])
+    said = [[entry["token"] for entry in last_logprobs(result)].count(" fever") for result in results]
+    assert said[0] == 24
+    assert all(1 <= count <= 4 for count in said[1:]), said
+
+
+def last_logprobs(result):
+    """All logprob entries of a stream that collect_logprobs read."""
+    return result[2]
+
+
+def _run_together_logprobs(model_and_tokenizer, ids, params_list):
+    async def main():
+        engine = make_engine(model_and_tokenizer, max_batch_size=len(params_list))
+        return await asyncio.gather(*(collect_logprobs(engine, str(i), ids, p) for i, p in enumerate(params_list)))
+
+    return asyncio.run(main())
+
+
+async def collect_logprobs(engine, request_id, prompt_ids, params):
+    text, entries, last = "", [], None
+    async for event in engine.generate(request_id, prompt_ids, params):
+        text, last = text + event.text, event
+        entries.extend(event.logprobs)
+    return text, last, entries
+
+
+def test_logprobs_are_the_models_own_in_the_answer_and_in_the_prompt(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    ids = tokenizer(PROMPTS[2])["input_ids"]
+
+    async def main():
+        engine = make_engine(model_and_tokenizer)
+        answer = await collect_logprobs(engine, "a", ids, SamplingParams(max_tokens=8, temperature=0, logprobs=3))
+        return answer, await engine.prompt_logprobs(ids, 2)
+
+    (text, last, entries), prompt_entries = asyncio.run(main())
+    generated = _greedy_ids(model_and_tokenizer, ids, 8)
+    with torch.no_grad():
+        logprobs = torch.log_softmax(model(torch.tensor([ids + generated])).logits[0].float(), dim=-1)
+    assert len(entries) == 8
+    for i, (token, entry) in enumerate(zip(generated, entries)):
+        row = logprobs[len(ids) - 1 + i]
+        assert entry["token"] == tokenizer.decode([token])
+        assert entry["logprob"] == pytest.approx(float(row[token]), abs=1e-4)
+        assert [t for t, _ in entry["top"]] == [tokenizer.decode([t]) for t in row.topk(3).indices.tolist()]
+    assert prompt_entries[0] == {"token": tokenizer.decode(ids[:1]), "logprob": None, "top": None}
+    assert len(prompt_entries) == len(ids)
+    for i, entry in enumerate(prompt_entries[1:], start=1):
+        assert entry["logprob"] == pytest.approx(float(logprobs[i - 1, ids[i]]), abs=1e-4)
+        assert len(entry["top"]) == 2

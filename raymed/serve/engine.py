@@ -4,7 +4,8 @@ Requests wait in a queue; between decode steps the loop prefills the newcomers (
 left-padded batch), copies their keys and values into free slots of the running batch
 (raymed.serve.slots, where a GPU's decode step is a replayed CUDA graph), and frees the
 slots of finished or cancelled requests. So a request that arrives while a long batch
-decodes gets its first token after one prefill, not after the batch ends.
+decodes gets its first token after one prefill, not after the batch ends. Each step's
+next tokens come from raymed.serve.sampling's BatchSampler, whose rows follow the slots'.
 
 The loop is one asyncio task per replica; each model step runs on a single worker thread,
 so the event loop keeps accepting requests and streaming tokens while torch computes.
@@ -24,7 +25,10 @@ from functools import partial
 
 import torch
 
+from raymed.serve.sampling import BatchSampler, SampledToken, SamplingParams, prompt_logprobs
 from raymed.serve.slots import FIRST_COLUMNS, DecodeStep, SlotCache, cache_argument
+
+__all__ = ["BatchingEngine", "EngineStats", "SamplingParams", "TokenEvent"]
 
 logger = logging.getLogger("ray.serve")
 
@@ -32,24 +36,16 @@ BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
 @dataclass(frozen=True)
-class SamplingParams:
-    """How one request samples: temperature 0 is greedy; a seed makes sampling repeatable."""
-
-    max_tokens: int
-    temperature: float = 1.0
-    top_p: float = 1.0
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True)
 class TokenEvent:
     """What a request's stream yields: new text since the last event, the completion's
-    token count so far, and the finish reason on the last event (`stop` or `length`)."""
+    token count so far, the finish reason on the last event (`stop` or `length`), and the
+    new tokens' logprobs when the request asked for them: `{"token", "logprob", "top":
+    [[token, logprob], ...]}` each, tokens as text."""
 
     text: str
     completion_tokens: int
     finish_reason: str | None = None
+    logprobs: tuple[dict, ...] = ()
 
 
 @dataclass
@@ -61,6 +57,8 @@ class _Sequence:
     generator: torch.Generator | None
     generated: list[int] = field(default_factory=list)
     decoded: str = ""  # the text of generated[:read_offset]
+    text: str = ""  # the text of all generated tokens (held-back stop prefixes included)
+    pending_logprobs: list[dict] = field(default_factory=list)  # not yet sent
     prefix_offset: int = 0  # where the decoding window starts (see BatchingEngine._text)
     read_offset: int = 0
     emitted_text: str = ""
@@ -88,6 +86,7 @@ class BatchingEngine:
         self._waiting: deque[_Sequence] = deque()
         self._running: list[_Sequence] = []  # row i of the slots holds self._running[i]
         self._slots: SlotCache | None = None
+        self._sampler: BatchSampler | None = None
         self._decode_step: DecodeStep | None = None
         self.cuda_graphs = cuda_graphs and model.device.type == "cuda"
         self._wake = asyncio.Event()
@@ -95,6 +94,19 @@ class BatchingEngine:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="raymed-decode")
         self._cache_arg = cache_argument(model)
         self._decode_ids = _text_decoder(tokenizer)
+        self._token_texts: dict[int, str] = {}
+
+    async def prompt_logprobs(self, prompt_ids: list[int], top: int) -> list[dict]:
+        """The prompt's own token logprobs (see raymed.serve.sampling.prompt_logprobs), computed
+        on the decode thread between steps."""
+        loop = asyncio.get_running_loop()
+        scored = await loop.run_in_executor(self._executor, self._score_prompt, list(prompt_ids), top)
+        first = {"token": self._token_text(prompt_ids[0]), "logprob": None, "top": None}  # nothing precedes it
+        return [first] + [self._logprob_entry(token) for token in scored[1:]]
+
+    @torch.inference_mode()
+    def _score_prompt(self, prompt_ids: list[int], top: int) -> list[SampledToken | None]:
+        return prompt_logprobs(self.model, prompt_ids, top)
 
     # ---- the request side (event loop) ----
 
@@ -182,7 +194,9 @@ class BatchingEngine:
         return outputs
 
     def _advance_all(self, rows: list[_Sequence], logits: torch.Tensor) -> list[tuple[_Sequence, TokenEvent]]:
-        events = ((seq, self._advance(seq, token)) for seq, token in zip(rows, self._sample(logits, rows)))
+        """Sample the next token of `rows` (the last rows of the batch) and advance each."""
+        sampled = self._sampler.sample(logits, len(self._running) - len(rows), [seq.generator for seq in rows])
+        events = ((seq, self._advance(seq, token)) for seq, token in zip(rows, sampled))
         return [(seq, event) for seq, event in events if event is not None]
 
     def _prefill(self, newcomers: list[_Sequence]) -> torch.Tensor:
@@ -200,6 +214,9 @@ class BatchingEngine:
                          position_ids=positions.to(self.model.device), use_cache=True, logits_to_keep=1,
                          **{self._cache_arg: cache})
         self._place([(layer.keys, layer.values) for layer in cache.layers], mask)
+        if self._sampler is None:
+            self._sampler = BatchSampler(self.max_batch_size, out.logits.shape[-1], out.logits.device)
+        self._sampler.admit(len(self._running), [(seq.params, seq.prompt_ids) for seq in newcomers])
         self._running.extend(newcomers)
         self.stats.prefills += 1
         self.stats.prompt_tokens += int(mask.sum())
@@ -234,34 +251,24 @@ class BatchingEngine:
         holes = [i for i in range(staying) if leaving[i]]
         movers = [i for i in range(staying, len(self._running)) if not leaving[i]]
         self._slots.move_rows(movers, holes)
+        self._sampler.move_rows(movers, holes)
         for source, target in zip(movers, holes):
             self._running[target] = self._running[source]
         del self._running[staying:]
         if not self._running and not self.cuda_graphs:
             self._slots, self._decode_step = None, None
 
-    def _sample(self, logits: torch.Tensor, rows: list[_Sequence]) -> list[int]:
-        greedy = logits.argmax(dim=-1).tolist()  # every row's, in one transfer
-        tokens = []
-        for i, seq in enumerate(rows):
-            if seq.params.temperature == 0:
-                tokens.append(greedy[i])
-                continue
-            row = logits[i].double()  # float64: temperatures down to the smallest float divide cleanly
-            # Shifted so the largest logit is 0: a tiny temperature then gives -inf, not inf - inf = NaN.
-            scaled = (row - row.max()) / seq.params.temperature
-            probs = _top_p(torch.softmax(scaled, dim=-1), seq.params.top_p)
-            tokens.append(int(torch.multinomial(probs.cpu(), 1, generator=seq.generator)))
-        return tokens
-
-    def _advance(self, seq: _Sequence, token: int) -> TokenEvent | None:
+    def _advance(self, seq: _Sequence, sampled: SampledToken) -> TokenEvent | None:
         """Add a token to a sequence; return the event to send (None: nothing new to show)."""
+        token = sampled.token
         seq.generated.append(token)
         self.stats.generated_tokens += 1
-        if token in self.eos_token_ids:
+        if seq.params.logprobs is not None:
+            seq.pending_logprobs.append(self._logprob_entry(sampled))
+        if token in self.eos_token_ids:  # the text so far, held-back stop prefixes included
             seq.finish_reason = "stop"
-            return self._event(seq, seq.emitted_text)
-        text = self._text(seq)
+            return self._event(seq, seq.text)
+        text = seq.text = self._text(seq)
         cut = _first_stop(text, seq.params.stop)
         if cut is not None:
             seq.finish_reason = "stop"
@@ -291,7 +298,18 @@ class BatchingEngine:
         seq.emitted_text = text
         if seq.finish_reason is not None:
             self.stats.finished[seq.finish_reason] = self.stats.finished.get(seq.finish_reason, 0) + 1
-        return TokenEvent(delta, len(seq.generated), seq.finish_reason)
+        logprobs, seq.pending_logprobs = tuple(seq.pending_logprobs), []
+        return TokenEvent(delta, len(seq.generated), seq.finish_reason, logprobs)
+
+    def _logprob_entry(self, sampled: SampledToken) -> dict:
+        return {"token": self._token_text(sampled.token), "logprob": sampled.logprob,
+                "top": [[self._token_text(token), logprob] for token, logprob in sampled.top]}
+
+    def _token_text(self, token: int) -> str:
+        """One token as text, special tokens included (what logprobs name)."""
+        if token not in self._token_texts:
+            self._token_texts[token] = self.tokenizer.decode([token])
+        return self._token_texts[token]
 
 
 @dataclass
@@ -339,16 +357,6 @@ def _generator(seed: int | None) -> torch.Generator:
     return generator
 
 
-def _top_p(probs: torch.Tensor, top_p: float) -> torch.Tensor:
-    """Keep the smallest set of tokens whose probability reaches top_p (always the top one)."""
-    if top_p >= 1:
-        return probs
-    sorted_probs, order = probs.sort(descending=True)
-    outside = sorted_probs.cumsum(-1) - sorted_probs > top_p
-    sorted_probs[outside] = 0
-    return torch.zeros_like(probs).scatter(-1, order, sorted_probs)
-
-
 def _coalesce(event: TokenEvent | BaseException, queue: asyncio.Queue) -> TokenEvent:
     """One event for everything already waiting in a request's queue: a consumer that fell
     behind (a slow stream) gets one message per turn, not one per token."""
@@ -357,7 +365,8 @@ def _coalesce(event: TokenEvent | BaseException, queue: asyncio.Queue) -> TokenE
         if isinstance(later, BaseException):
             event = later
             break
-        event = TokenEvent(event.text + later.text, later.completion_tokens, later.finish_reason)
+        event = TokenEvent(event.text + later.text, later.completion_tokens, later.finish_reason,
+                           event.logprobs + later.logprobs)
     if isinstance(event, BaseException):
         raise event
     return event

@@ -38,14 +38,21 @@ def bad_request(message: str, param: str | None = None, code: str | None = None)
     return APIError(400, message, param=param, code=code)
 
 
-def from_validation_error(err: ValidationError) -> APIError:
-    """The first problem of a request body, as a 400 naming the field and the value."""
+def unsupported(param: str, message: str) -> APIError:
+    """A field OpenAI defines (or nobody does) that raymed does not implement."""
+    return bad_request(message, param=param, code="unsupported_parameter")
+
+
+def from_validation_error(err: ValidationError, supported: list[str] | None = None) -> APIError:
+    """The first problem of a request body, as a 400 naming the field and the value.
+    `supported`: the body's fields, listed when an unknown one is refused."""
     problem = err.errors(include_url=False)[0]
     param = ".".join(str(p) for p in problem["loc"]) or None
     if problem["type"] == "missing":
         return bad_request(f"`{param}` is required", param=param, code="missing_required_parameter")
     if problem["type"] == "extra_forbidden":
-        return bad_request(f"`{param}` is not a known parameter", param=param, code="unknown_parameter")
+        where = f"; supported: {', '.join(supported)}" if supported and len(problem["loc"]) == 1 else ""
+        return unsupported(param, f"`{param}` is not a supported parameter{where}")
     message = problem["msg"].removeprefix("Value error, ")
     given = problem.get("input")
     if param and _short_scalar(given):

@@ -68,6 +68,23 @@ def context_length(directory: Path) -> int:
     raise RaymedError(f"{directory}/config.json names no context length (max_position_embeddings)")
 
 
+SAMPLING_FIELDS = ("temperature", "top_p", "repetition_penalty")
+
+
+def sampling_defaults(directory: Path, serve: ServeConfig) -> dict[str, float]:
+    """What a request that omits temperature, top_p or repetition_penalty gets: the model's
+    generation_config.json value (vLLM's `--generation-config auto`), else `serve.default_*`."""
+    path = directory / "generation_config.json"
+    configured = json.loads(path.read_text()) if path.is_file() else {}
+    return {name: float(configured[name]) if isinstance(configured.get(name), (int, float))
+            else getattr(serve, f"default_{name}") for name in SAMPLING_FIELDS}
+
+
+def vocab_size(directory: Path) -> int:
+    config = json.loads((directory / "config.json").read_text())
+    return int(config.get("text_config", config)["vocab_size"])
+
+
 def load_for_inference(model_dir: str, serve: ServeConfig):
     """Model (eval mode, on the replica's GPU if it has one) and tokenizer."""
     import torch
