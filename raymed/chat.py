@@ -39,6 +39,9 @@ def explain(status: int, error: dict | None, retry_after: str | None) -> str:
 class Answer:
     text: str = ""
     safety: dict = field(default_factory=dict)
+    citations: list[dict] = field(default_factory=list)
+    """The knowledge-index passages the answer was grounded in (the stream's last chunk has them)."""
+    grounding_warning: str | None = None
 
 
 @dataclass
@@ -91,6 +94,7 @@ class ChatClient:
                     raise RaymedError(explain(504 if chunk["error"].get("code") == "timeout" else 500,
                                               chunk["error"], None))
                 self._show(chunk, answer, out)
+        out.write(sources_text(answer))
         out.write(f"\n{DIM}{answer.safety.get('disclaimer', '')}{RESET}\n")
         out.flush()
         self.history = [*messages, {"role": "assistant", "content": answer.text}]
@@ -98,6 +102,8 @@ class ChatClient:
 
     @staticmethod
     def _show(chunk: dict, answer: Answer, out: TextIO) -> None:
+        answer.citations = chunk.get("citations", answer.citations)
+        answer.grounding_warning = chunk.get("grounding_warning", answer.grounding_warning)
         if "safety" in chunk and not answer.safety:
             answer.safety = chunk["safety"]
             if answer.safety["red_flag"]:
@@ -109,6 +115,14 @@ class ChatClient:
         answer.text += content
         out.write(content)
         out.flush()
+
+
+def sources_text(answer: Answer) -> str:
+    """The citations under an answer, one numbered line each (and why there are none, if the server said)."""
+    lines = [f"[{n}] {c['source']}: {c['title']}" for n, c in enumerate(answer.citations, 1)]
+    if answer.grounding_warning:
+        lines.append(f"(not grounded: {answer.grounding_warning})")
+    return "\n\nSources:\n" + "\n".join(lines) + "\n" if lines else ""
 
 
 def _sse_payloads(response: requests.Response) -> Iterator[dict]:

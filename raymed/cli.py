@@ -78,6 +78,10 @@ def _parser() -> argparse.ArgumentParser:
                        help="stop after the sweep (default: hand the best checkpoint to the promotion gate)")
     sweep.set_defaults(run=_run_tune)
 
+    from raymed.index.cli import add_index_command  # the knowledge index (issue 22)
+
+    add_index_command(commands, _add_config_args)
+
     evaluate = commands.add_parser(
         "eval",
         help="validation loss/perplexity/token accuracy and multiple-choice accuracy of a model",
@@ -93,6 +97,9 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--items", metavar="PATH", help="multiple-choice items (default: eval.mcq_path)")
     evaluate.add_argument("--max-items", type=int, metavar="N", help="a seeded sample of N items")
     evaluate.add_argument("--no-validation", action="store_true", help="multiple-choice accuracy only")
+    evaluate.add_argument("--grounded", action="store_true", help="multiple-choice accuracy with and without the "
+                          "knowledge index's passages (as the server adds them) and the retriever's recall@k; "
+                          "writes grounded.json/grounded.md")
     evaluate.add_argument("--out", type=Path, metavar="DIR",
                           help="where eval.json/eval.md go (default: <storage_path>/runs/<run_name>/eval)")
     _add_config_args(evaluate)
@@ -298,6 +305,10 @@ def _run_eval(args: argparse.Namespace) -> int:
     for model in filter(None, (args.model, args.base)):
         resolve_model_dir(model)  # a bad directory fails before Ray starts
     _ray_init()
+    if args.grounded:
+        from raymed.index.evaluate import run_grounded_eval
+
+        return run_grounded_eval(config, args.model, args.base, args.out)
     report, path = evaluate(config, args.model, base=args.base, out_dir=args.out, validation=not args.no_validation)
     print(render_table(report))
     print(f"\nwrote {path} and {path.with_name('eval.md')}")

@@ -249,6 +249,17 @@ class RegistryConfig(_Section):
     """How long a promotion waits for another one to finish before failing."""
 
 
+class RetrieverConfig(_Section):
+    """The Retriever deployment (knowledge index search), scaled apart from the model replicas."""
+
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(2, ge=1)
+    target_ongoing_requests: float = Field(8, gt=0)
+    upscale_delay_s: float = Field(10, ge=0)
+    downscale_delay_s: float = Field(300, ge=0)
+    num_cpus: float = Field(0.25, ge=0)
+
+
 class ServeConfig(_Section):
     """Ray Serve: the OpenAI-compatible HTTP API in front of autoscaled model replicas."""
 
@@ -308,6 +319,13 @@ class ServeConfig(_Section):
     num_gpus: float = Field(0, ge=0)
     api_key: SecretStr | None = None
     """When set (or RAYMED_API_KEY is), every API route needs `Authorization: Bearer <key>`."""
+    grounding: bool | None = None
+    """Ground chat answers in the knowledge index (`index.name`) and cite it; unset: on when
+    serving the default model (`current` or `smollm2-135m-instruct`), off for other models.
+    A request may turn it off with `"grounding": false`."""
+    grounding_k: int = Field(3, ge=1, le=50)
+    """Passages retrieved into the system prompt of a grounded answer."""
+    retriever: RetrieverConfig = Field(default_factory=RetrieverConfig)
 
     @model_validator(mode="after")
     def _consistent(self) -> ServeConfig:
@@ -315,6 +333,26 @@ class ServeConfig(_Section):
             raise ValueError(f"min_replicas ({self.min_replicas}) must be <= max_replicas ({self.max_replicas})")
         if self.max_queued_requests == 0:
             raise ValueError("max_queued_requests must be -1 (no limit) or at least 1")
+        return self
+
+
+class IndexConfig(_Section):
+    """The knowledge index (`raymed index build`): BM25 over the packaged sources and documents."""
+
+    name: str = Field("medical-v1", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    """Built into RAYMED_CACHE/index/<name>/."""
+    sources: list[Literal["hpo", "icd10cm", "abbreviations", "drugs"]] = ["hpo", "icd10cm", "abbreviations", "drugs"]
+    """Packaged sources indexed, every entry of each."""
+    documents: str | None = None
+    """Also index these user documents (a file or directory in the data stage's formats)."""
+    shards: int = Field(2, ge=1, le=64)
+    workers: int = Field(1, ge=1)
+    """Ray Data concurrency of the read and per-shard build steps."""
+
+    @model_validator(mode="after")
+    def _something(self) -> IndexConfig:
+        if not self.sources and not self.documents:
+            raise ValueError("index.sources is empty and no index.documents: nothing to index")
         return self
 
 
@@ -344,6 +382,7 @@ class Config(_Section):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
+    index: IndexConfig = Field(default_factory=IndexConfig)
     pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
     trial_name: str | None = None
     """Set by `raymed tune` for each trial (its Ray Train run lives under the sweep); leave unset."""

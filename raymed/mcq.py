@@ -11,11 +11,13 @@ from __future__ import annotations
 import torch
 
 
-def option_logprobs(model, tokenizer, question: str, options: list[str]) -> list[float]:
-    """Summed log-likelihood of each option's tokens as the assistant's answer to `question`,
-    all options scored in one padded forward pass."""
-    prompt_ids = _prompt_ids(tokenizer, question)
+def option_logprobs(model, tokenizer, question: str, options: list[str], system: str = "") -> list[float]:
+    """Summed log-likelihood of each option's tokens as the assistant's answer to `question`
+    (after the system message `system`, if any), all options scored in one padded forward pass."""
+    prompt_ids = _prompt_ids(tokenizer, question, system)
     option_ids = [tokenizer(o.strip(), add_special_tokens=False).input_ids for o in options]
+    if system:  # a long shared prompt (the grounded eval's passages): run it once, not once per option
+        return _logprobs_after_shared_prompt(model, prompt_ids, option_ids)
     rows = [prompt_ids + ids for ids in option_ids]
     width = max(len(r) for r in rows)
     input_ids = torch.tensor([r + [0] * (width - len(r)) for r in rows])
@@ -30,17 +32,36 @@ def option_logprobs(model, tokenizer, question: str, options: list[str]) -> list
     ]
 
 
+def _logprobs_after_shared_prompt(model, prompt_ids: list[int], option_ids: list[list[int]]) -> list[float]:
+    """The same sums as the padded pass, with the prompt's key/value cache computed once and
+    repeated for every option."""
+    with torch.no_grad():
+        prompt = model(input_ids=torch.tensor([prompt_ids], device=model.device), use_cache=True)
+        cache = prompt.past_key_values
+        cache.batch_repeat_interleave(len(option_ids))
+        width = max(len(ids) for ids in option_ids)
+        input_ids = torch.tensor([ids + [0] * (width - len(ids)) for ids in option_ids], device=model.device)
+        attention = torch.tensor([[1] * (len(prompt_ids) + len(ids)) + [0] * (width - len(ids)) for ids in option_ids],
+                                 device=model.device)
+        logits = model(input_ids=input_ids, attention_mask=attention, past_key_values=cache).logits.float().cpu()
+    first = torch.log_softmax(prompt.logits[0, -1].float().cpu(), dim=-1)  # predicts each option's first token
+    rest = torch.log_softmax(logits[:, :-1], dim=-1)
+    return [first[ids[0]].item() + rest[row, : len(ids) - 1].gather(1, torch.tensor(ids[1:])[:, None]).sum().item()
+            for row, ids in enumerate(option_ids)]
+
+
 def pick(options: list[str], logprobs: list[float], *, length_norm: bool = True) -> int:
     """The index of the best option, by log-likelihood per character or in total."""
     scores = [lp / len(o.strip()) if length_norm else lp for o, lp in zip(options, logprobs)]
     return max(range(len(scores)), key=scores.__getitem__)
 
 
-def _prompt_ids(tokenizer, question: str) -> list[int]:
+def _prompt_ids(tokenizer, question: str, system: str = "") -> list[int]:
     """The question as the model expects a user turn: its chat template when it has one."""
     if tokenizer.chat_template:
+        turns = [{"role": "system", "content": system}] if system else []
         text = tokenizer.apply_chat_template(
-            [{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True
+            [*turns, {"role": "user", "content": question}], tokenize=False, add_generation_prompt=True
         )
         return tokenizer(text, add_special_tokens=False).input_ids
-    return tokenizer(f"Question: {question}\nAnswer: ").input_ids
+    return tokenizer(f"{system}\n\n" * bool(system) + f"Question: {question}\nAnswer: ").input_ids

@@ -1,4 +1,4 @@
-"""The end-to-end pipeline: assets → data → train (one fine-tune, or a sweep) → evaluate →
+"""The end-to-end pipeline: assets → index → data → train (one fine-tune, or a sweep) → evaluate →
 promote → deploy → ask, all under one run directory, `<storage_path>/runs/<run_name>/`:
 
     pipeline/<stage>.json   each stage's record: status, fingerprint, outputs, seconds
@@ -33,6 +33,7 @@ from pathlib import Path
 
 from raymed.config import Config
 from raymed.errors import RaymedError, last_line
+from raymed.index.build import index_stage
 
 RECORDS_DIR = "pipeline"
 SUMMARY_FILE = "summary.json"
@@ -179,6 +180,7 @@ def raymed_stages(config: Config, log: Callable[[str], None]) -> list[Stage]:
                 "tune": c.tune.model_dump() if c.pipeline.tune else None}
     return [
         Stage("assets", lambda up: assets_stage(), inputs=None),
+        Stage("index", lambda up: index_stage(c), inputs=None, upstream=("assets",)),  # the knowledge index
         Stage("data", lambda up: data_stage(c), upstream=("assets",), clear=lambda: _remove(data_dir(c)),
               inputs=lambda: {"data": c.data.model_dump(), "tokenizer": c.model.tokenizer or c.model.name,
                               "seed": c.seed, "corpus": _corpus_digest(c)}),

@@ -117,7 +117,7 @@ def test_pipeline_job_runs_resumes_and_reruns_what_changed(head, default_assets,
     assert "[pipeline] answer from medical-assistant v1, promoted from this run's candidate" in logs
     first = records(storage)
     assert {name: r["status"] for name, r in first.items()} == dict.fromkeys(
-        ["assets", "data", "train", "evaluate", "promote", "deploy", "ask"], "done")
+        ["assets", "index", "data", "train", "evaluate", "promote", "deploy", "ask"], "done")
     answer = ask(port)  # the deployment outlives the job
     assert answer["model"] == "medical-assistant" and answer["usage"]["completion_tokens"] >= 1
 

@@ -130,3 +130,12 @@ def test_completion_limits():
             parse_request({**COMPLETION, **fields}, CompletionRequest)
         assert caught.value.param.startswith(param.split(".")[0])
     assert parse_request({**COMPLETION, "max_tokens": 0, "echo": True, "logprobs": 1}, CompletionRequest).echo
+
+
+def test_grounding_is_an_honoured_chat_extension():
+    assert "grounding" in ChatCompletionRequest.model_fields and "grounding" not in REFUSED_CHAT_FIELDS
+    assert parse_request({**CHAT, "grounding": False}, ChatCompletionRequest).grounding is False
+    assert parse_request({**CHAT, "grounding": None}, ChatCompletionRequest).grounding is None
+    with pytest.raises(APIError) as caught:
+        parse_request({**COMPLETION, "grounding": False}, CompletionRequest)
+    assert (caught.value.param, caught.value.code) == ("grounding", "unsupported_parameter")

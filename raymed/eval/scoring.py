@@ -57,9 +57,9 @@ class MCQScorer(_Scorer):
 
         model, tokenizer = self.model(label)
         picks = []
-        for question, options_json in zip(rows["question"], rows["options"]):
+        for question, options_json, system in zip(rows["question"], rows["options"], rows["system"]):
             options = json.loads(options_json)
-            logprobs = option_logprobs(model, tokenizer, str(question), options)
+            logprobs = option_logprobs(model, tokenizer, str(question), options, str(system))
             picks.append(pick(options, logprobs, length_norm=self.length_norm))
         return {"model": rows["model"], "index": rows["index"], "pick": np.array(picks, dtype=np.int64)}
 
@@ -98,7 +98,8 @@ def score_items(models: dict[str, Path], items: list[dict], eval_config: EvalCon
     import ray
 
     device, options = _actor_options(eval_config)
-    rows = [{"model": label, "index": i, "question": item["question"], "options": json.dumps(item["options"])}
+    rows = [{"model": label, "index": i, "question": item["question"], "options": json.dumps(item["options"]),
+             "system": item.get("system", "")}  # a system message: the grounded eval's (raymed.index.evaluate)
             for label in models for i, item in enumerate(items)]
     dataset = ray.data.from_items(rows, override_num_blocks=min(len(rows), 4 * eval_config.actors * len(models)))
     scored = dataset.map_batches(

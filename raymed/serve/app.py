@@ -1,6 +1,7 @@
 """The Serve application: the Gateway (raymed.serve.gateway, a FastAPI ingress) in front
 of autoscaled model replicas (raymed.serve.replica.ModelServer, each running a
-continuous-batching engine), plus a tiny `MetricsStore` that collects every replica's
+continuous-batching engine) and the Retriever (raymed.serve.retriever, the knowledge index
+for grounded answers, scaled on its own), plus a tiny `MetricsStore` that collects every replica's
 figures for `/metrics`.
 
 Entry points: `build_app` (the Serve application builder that `serve run` / `serve deploy`
@@ -19,6 +20,7 @@ from raymed.serve.gateway import Gateway, api
 from raymed.serve.metrics import MetricsStore
 from raymed.serve.model_source import ServedModel, served_model
 from raymed.serve.replica import ModelServer
+from raymed.serve.retriever import bind_retriever  # issue 22: grounded answers
 
 __all__ = ["AppArgs", "Gateway", "ModelServer", "api", "api_key", "autoscaling_config", "build_app",
            "build_application"]
@@ -41,8 +43,9 @@ def build_app(args: AppArgs) -> serve.Application:
     return build_application(load_config(args.config, args.set))
 
 
-def build_application(config: Config, *, model: ServedModel | None = None, admission_gate=None) -> serve.Application:
-    """The bound application for `config.serve`; `admission_gate` is the tests' hook.
+def build_application(config: Config, *, model: ServedModel | None = None, admission_gate=None,
+                      retriever_gate=None) -> serve.Application:
+    """The bound application for `config.serve`; `admission_gate` and `retriever_gate` are the tests' hooks.
 
     `model` defaults to `served_model(config)`, resolved once here: every replica serves the
     same directory (a registry version is pinned at this moment)."""
@@ -62,7 +65,7 @@ def build_application(config: Config, *, model: ServedModel | None = None, admis
     ).bind(config_data, model.directory, store, admission_gate)
     gateway = serve.deployment(Gateway, name="Gateway", num_replicas=1, max_surge_percent=100,  # it needs no CPU
                                ray_actor_options={"num_cpus": 0}, max_ongoing_requests=10_000)
-    return gateway.bind(config_data, model, replicas, store, api_key(config))
+    return gateway.bind(config_data, model, replicas, store, api_key(config), bind_retriever(config, retriever_gate))
 
 
 def autoscaling_config(settings) -> dict:

@@ -2,6 +2,7 @@
 routes and shapes, SSE, errors and metrics, in front of the model replicas.
 
     client ──HTTP──▶ Gateway (validate, prepare, auth, safety, errors, SSE) ──handle──▶ ModelServer × N
+                        └──handle──▶ Retriever × M (grounded chat answers: raymed.serve.grounding)
 
 Request preparation (template, tokens, work orders) is raymed.serve.prepare; streams are
 raymed.serve.streaming; the medical safety layer (raymed.serve.safety) applies outside the model.
@@ -25,6 +26,7 @@ from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingR
 
 from raymed.config import Config
 from raymed.serve import errors, safety
+from raymed.serve.grounding import Grounder  # issue 22: grounded answers
 from raymed.serve.metrics import IngressMetrics
 from raymed.serve.model_source import ServedModel, sampling_defaults, vocab_size
 from raymed.serve.prepare import Plan, RequestPreparer
@@ -61,15 +63,17 @@ async def _resolved(response):
 class Gateway:
     """The HTTP face: auth, validation, OpenAI shapes, SSE, errors, metrics."""
 
-    def __init__(self, config_data: dict, model: ServedModel, model_handle, metrics_store, api_key: str | None):
+    def __init__(self, config_data: dict, model: ServedModel, model_handle, metrics_store, api_key: str | None,
+                 retriever=None):
         from transformers import AutoTokenizer
 
         safety.install_log_redaction()
         self.config = Config.model_validate(config_data).serve
         self.model = model
         self.sampling_defaults = sampling_defaults(Path(model.directory), self.config)
+        self.grounder = Grounder(retriever, self.config.grounding_k)  # retriever None: grounding off
         self.prepare = RequestPreparer(AutoTokenizer.from_pretrained(model.directory), model, self.config,
-                                       self.sampling_defaults, vocab_size(Path(model.directory)))
+                                       self.sampling_defaults, vocab_size(Path(model.directory)), self.grounder)
         self.replicas = model_handle
         self.store = metrics_store
         self.metrics = IngressMetrics()
@@ -205,7 +209,7 @@ class Gateway:
         logger.info("request %s %s: prompt_tokens=%d choices=%d max_tokens=%d stream=%s red_flags=%s",
                     plan.request_id, plan.route, plan.prompt_tokens, len(plan.jobs),
                     plan.jobs[0]["sampling"]["max_tokens"], body.stream, ",".join(plan.flags.categories) or "-")
-        marks = self._marks(plan.flags)
+        marks = {**self._marks(plan.flags), **plan.grounding_marks}  # citations ride with the safety marks
         if body.stream:
             return await self._stream(plan, marks)
         started = time.perf_counter()

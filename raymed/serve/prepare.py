@@ -1,8 +1,9 @@
 """Request preparation on the Gateway: from a validated body to the replicas' work orders.
 
 `RequestPreparer.chat` is the one path a chat request takes before generation (messages,
-safety system prompt, chat template, tokens, safety check, jobs); a step that changes what
-the model reads (retrieved passages, say) belongs there. The chat template, the tokenizer
+safety check, retrieval, safety system prompt with the retrieved passages, chat template,
+tokens, jobs); a step that changes what the model reads belongs there. Grounding
+(raymed.serve.grounding) runs after the safety check, which reads the user's own text only. The chat template, the tokenizer
 and the safety check run on a worker thread, never on the Gateway's event loop: one huge prompt must
 not stall every other request's stream.
 """
@@ -14,6 +15,7 @@ from dataclasses import dataclass, field
 
 from raymed.config import ServeConfig
 from raymed.serve import errors, safety
+from raymed.serve.grounding import Grounder
 from raymed.serve.model_source import ServedModel
 from raymed.serve.protocol import ChatCompletionRequest, CompletionRequest
 
@@ -31,6 +33,8 @@ class Plan:
     jobs: list[dict] = field(default_factory=list)
     echo_texts: list[str] = field(default_factory=list)
     """Per prompt, the text a completion with `echo` leads with ('' otherwise)."""
+    grounding_marks: dict = field(default_factory=dict)
+    """What grounding adds to the answer (`citations`, `grounding_warning`); empty when off."""
 
     @property
     def prompt_tokens(self) -> int:
@@ -44,8 +48,9 @@ class RequestPreparer:
     """Builds Plans for one served model (its tokenizer, context, vocabulary and sampling defaults)."""
 
     def __init__(self, tokenizer, model: ServedModel, settings: ServeConfig, sampling_defaults: dict,
-                 vocab_size: int):
+                 vocab_size: int, grounder: Grounder | None = None):
         self.tokenizer = tokenizer
+        self.grounder = grounder or Grounder(None, settings.grounding_k)
         self.model = model
         self.settings = settings
         self.sampling_defaults = sampling_defaults
@@ -53,9 +58,11 @@ class RequestPreparer:
 
     async def chat(self, body: ChatCompletionRequest, request_id: str) -> Plan:
         messages = body.chat()
-        prompt_ids = await asyncio.to_thread(self._apply_chat_template, safety.with_system_prompt(messages))
         flags = await asyncio.to_thread(safety.check, [m["content"] for m in messages if m["role"] == "user"])
-        plan = Plan("chat", request_id, body, [prompt_ids], flags)
+        grounding = await self.grounder.ground(request_id, body.grounding, messages)  # after the safety check
+        prompt_ids, grounding = await asyncio.to_thread(grounding.fit, safety.with_system_prompt(messages),
+                                                        self._apply_chat_template, self.model.context_length)
+        plan = Plan("chat", request_id, body, [prompt_ids], flags, grounding_marks=grounding.marks())
         plan.jobs = self._jobs(plan, "messages")
         return plan
 

@@ -3,9 +3,10 @@
 One rule: every field is honoured or refused. The fields each route implements are its
 request model's fields; `REFUSED_CHAT_FIELDS` / `REFUSED_COMPLETION_FIELDS` name the
 OpenAI fields it does not, and a request that sets one (or a field nobody defines) gets a
-400 with `code: "unsupported_parameter"` naming it. `null` for an optional field means
-its default, as in OpenAI's API. Validation errors are 400s that name the field
-(raymed.serve.errors).
+400 with `code: "unsupported_parameter"` naming it. Two honoured fields are extensions,
+not OpenAI's: `repetition_penalty` (vLLM's) and chat's `grounding` (raymed's: the knowledge
+index, raymed.serve.grounding). `null` for an optional field means its default, as in
+OpenAI's API. Validation errors are 400s that name the field (raymed.serve.errors).
 """
 
 from __future__ import annotations
@@ -145,6 +146,10 @@ class ChatCompletionRequest(_SamplingFields):
     logprobs: bool = False
     top_logprobs: Annotated[int, Field(ge=0, le=MAX_CHAT_TOP_LOGPROBS)] = 0
     response_format: ResponseFormat | None = None
+    grounding: bool | None = None
+    """raymed extension: `false` answers without the knowledge index (and without `citations`);
+    `true` requires grounding (400 `grounding_unavailable` where the server has it off); unset:
+    the server's `serve.grounding`."""
 
     @field_validator("top_logprobs")
     @classmethod

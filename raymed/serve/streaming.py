@@ -103,7 +103,7 @@ async def sse_chunks(plan: Plan, streams: list, firsts: list[dict], marks: dict,
             yield sse(shape.opening(index, first, marks))
         async for index, event in merged(streams, firsts, deadline):
             completion_tokens[index] = event["completion_tokens"]
-            if event["finish_reason"] is not None:  # the last chunk repeats the safety marks
+            if event["finish_reason"] is not None:  # the last chunk repeats the marks (safety, citations)
                 yield sse({**shape.chunk(index, event["text"], event["finish_reason"],
                                          wanted_logprobs(plan, event)), **marks})
             elif event["text"] or event["logprobs"]:

@@ -86,7 +86,11 @@ class AnswerView {
     this.disclaimer = document.createElement("div");
     this.disclaimer.className = "disclaimer";
     this.disclaimer.dataset.testid = "disclaimer";
-    this.turn.append(this.banner, this.text, this.disclaimer);
+    this.sources = document.createElement("ol");  // the citations (grounded answers)
+    this.sources.className = "sources";
+    this.sources.dataset.testid = "citations";
+    this.sources.hidden = true;
+    this.turn.append(this.banner, this.text, this.sources, this.disclaimer);
     this.raw = "";
     this.bannerText = "";
     this.deltas = 0;
@@ -100,6 +104,19 @@ class AnswerView {
       this.banner.textContent = safety.banner.trim();
       this.banner.hidden = false;
     }
+  }
+
+  // Citations come on the first and the last chunk; shown once, under the answer (text only, never HTML).
+  cite(citations) {
+    this.sources.replaceChildren(...citations.map((c) => {
+      const item = document.createElement("li");
+      item.dataset.testid = "citation";
+      item.dataset.id = c.id;
+      item.textContent = `${c.source}: ${c.title}`;
+      item.title = c.text;
+      return item;
+    }));
+    this.sources.hidden = citations.length === 0;
   }
 
   append(content) {
@@ -165,6 +182,7 @@ async function ask(question) {
       break;
     }
     if (chunk.safety) view.mark(chunk.safety);
+    if (chunk.citations) view.cite(chunk.citations);
     const content = chunk.choices?.[0]?.delta?.content;
     if (content) view.append(content);
   }
