@@ -10,7 +10,9 @@ Chat requests (streamed, greedy unless --temperature) use the user turns of the 
 corpus's validation split. `--temperature/--top-p/--logprobs/--penalties` set the sampling
 fields; `--compare-sampling` runs every level three ways in the same run (greedy; sampled at
 temperature 0.7, top_p 0.9, frequency penalty 0.5; greedy with logprobs, top 5) and reports
-each one's tokens/s against greedy. Works the same against a GPU deployment (the baseline
+each one's tokens/s against greedy. `--compare-grounding` runs every level with grounding off
+and on (the `"grounding"` request extension; the server must have grounding on) and reports
+the grounded level's end-to-end and first-token latency p50 over the ungrounded one's. Works the same against a GPU deployment (the baseline
 then runs on the GPU too).
 """
 
@@ -37,7 +39,8 @@ def main() -> None:
               "prompt_chars": args.prompt_chars,
               "requests_per_level": f"{args.rounds} x concurrency" if args.rounds else args.requests,
               "machine": machine(), "levels": []}
-    variants = SAMPLING_VARIANTS if args.compare_sampling else {"as given": {}}
+    variants = SAMPLING_VARIANTS if args.compare_sampling else GROUNDING_VARIANTS if args.compare_grounding \
+        else {"as given": {}}
     for concurrency in args.concurrency:
         count = concurrency * args.rounds if args.rounds else args.requests
         for name, overrides in variants.items():
@@ -48,6 +51,8 @@ def main() -> None:
             print(json.dumps(report["levels"][-1]), flush=True)
     if args.compare_sampling:
         report["vs_greedy"] = vs_greedy(report["levels"])
+    if args.compare_grounding:
+        report["grounded_vs_ungrounded"] = grounded_vs_ungrounded(report["levels"])
     if args.baseline_model:
         report["baseline"] = baseline(args.baseline_model, prompts[: args.baseline_requests], args.max_tokens,
                                       args.baseline_threads, args.baseline_batch)
@@ -74,6 +79,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--penalties", type=float, metavar="F", help="frequency_penalty F")
     parser.add_argument("--compare-sampling", action="store_true",
                         help="run each level greedy, sampled and with logprobs (see the module docstring)")
+    parser.add_argument("--grounding", choices=["true", "false"],
+                        help="send the grounding extension field (default: not sent, the server's default)")
+    parser.add_argument("--compare-grounding", action="store_true",
+                        help="run each level with grounding off and on (see the module docstring)")
     parser.add_argument("--prompt-chars", type=int, nargs=2, default=(0, None), metavar=("MIN", "MAX"),
                         help="prompt length range in characters (about 4 per token)")
     parser.add_argument("--warmup", type=int, default=2, help="requests sent before each level, not counted")
@@ -152,6 +161,7 @@ SAMPLING_VARIANTS = {
     "sampled": {"temperature": 0.7, "top_p": 0.9, "logprobs": None, "penalties": 0.5},
     "logprobs": {"temperature": 0, "top_p": None, "logprobs": 5, "penalties": None},
 }
+GROUNDING_VARIANTS = {"ungrounded": {"grounding": "false"}, "grounded": {"grounding": "true"}}
 
 
 def sampling_fields(args) -> dict:
@@ -163,6 +173,8 @@ def sampling_fields(args) -> dict:
         fields |= {"logprobs": True, "top_logprobs": args.logprobs}
     if args.penalties is not None:
         fields["frequency_penalty"] = args.penalties
+    if args.grounding is not None:
+        fields["grounding"] = args.grounding == "true"
     return fields
 
 
@@ -177,6 +189,21 @@ def vs_greedy(levels: list[dict]) -> dict[str, list[float]]:
         elif greedy.get(level["concurrency"]):
             ratios.setdefault(f"{level['variant']} @ {level['concurrency']}", []).append(
                 round(level["generated_tokens_per_s"] / greedy[level["concurrency"]], 3))
+    return ratios
+
+
+def grounded_vs_ungrounded(levels: list[dict]) -> dict[str, dict[str, float]]:
+    """At each concurrency, the grounded level's latency p50s over the ungrounded level's just before it."""
+    ratios: dict[str, dict[str, float]] = {}
+    ungrounded: dict[int, dict] = {}
+    for level in levels:
+        if level["variant"] == "ungrounded":
+            ungrounded[level["concurrency"]] = level
+        elif level["concurrency"] in ungrounded:
+            base = ungrounded[level["concurrency"]]
+            ratios[str(level["concurrency"])] = {
+                metric: round(level[metric]["p50"] / base[metric]["p50"], 3)
+                for metric in ("e2e_s", "ttft_s") if level[metric].get("p50") and base[metric].get("p50")}
     return ratios
 
 
