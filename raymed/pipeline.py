@@ -277,24 +277,34 @@ def _best_checkpoint(result, config: Config) -> str:
 
 def evaluate_stage(config: Config, trained: dict) -> dict:
     """The candidate's validation metrics on the data stage's validation blocks and its
-    multiple-choice accuracy, both as Ray Data batch inference."""
-    import numpy as np
-
-    from raymed.eval import (ModelEval, build_report, load_items, mcq_metrics, resolve_items_path,
-                             resolve_model_dir, score_blocks, score_items, write_report)
+    multiple-choice accuracy, both as Ray Data batch inference; the registry's current
+    version is scored in the same pass when its scores are not cached yet (the promote
+    stage then reuses both)."""
+    from raymed.eval import (build_report, load_items, resolve_items_path, resolve_model_dir, tokenizer_digest,
+                             validation_blocks, write_report)
+    from raymed.eval.suite import results_from
+    from raymed.promote import VersionScores, ensure_base
+    from raymed.registry import Registry
 
     ensure_ray()
     models = {"candidate": resolve_model_dir(trained["candidate"])}
     items_path = resolve_items_path(config.eval.mcq_path)
     items = load_items(items_path, max_items=config.eval.max_items, seed=config.seed)
-    validation = {"candidate": load_blocks(config)["validation"]}
-    metrics = score_blocks(models, validation, config.eval)["candidate"]
-    picks = score_items(models, items, config.eval)["candidate"]
-    correct = picks == np.array([item["answer"] for item in items])
-    result = ModelEval("candidate", str(models["candidate"]), metrics | mcq_metrics(items, correct), picks, correct)
-    report = build_report(config, items, {"candidate": result}, items_path=str(items_path))
+    registry = Registry.for_config(config)
+    current, scores = ensure_base(registry, config), VersionScores(registry, config, items, validation=True)
+    if current is not None and scores.get(current) is None:
+        models[current] = registry.path(current)
+    blocks = load_blocks(config)["validation"]
+    candidate_tokenizer = tokenizer_digest(models["candidate"])
+    validation = {label: blocks if tokenizer_digest(directory) == candidate_tokenizer
+                  else validation_blocks(config, directory) for label, directory in models.items()}
+    results = results_from(config, models, items, validation)
+    if current in results:
+        scores.put(current, results[current])
+    report = build_report(config, items, results, reference=current if current in results else None,
+                          items_path=str(items_path))
     path, _ = write_report(report, run_dir(config) / "eval")
-    return {"metrics": result.metrics, "report": str(path), "paths": [str(path)]}
+    return {"metrics": results["candidate"].metrics, "report": str(path), "paths": [str(path)]}
 
 
 def promote_stage(config: Config, trained: dict, evaluated: dict, log: Callable[[str], None]) -> dict:

@@ -35,6 +35,7 @@ from raymed.eval import (
     resolve_model_dir,
     write_report,
 )
+from raymed.eval.score_cache import ScoreCache, scoring_key
 from raymed.registry import Registry, StaleCurrent
 
 
@@ -66,7 +67,8 @@ def promote_best(candidates: Sequence[str | Path], config: Config, *, source: st
     v1 on first use) and promote the best if it passes the gate. `source` names the run or
     trial for the manifest. A candidate already scored in `scored_report` (an eval.json, as
     the pipeline's evaluate stage writes, of the same files on the same items) is not
-    scored again. Writes
+    scored again; nor is the current version when the registry's score cache holds its
+    scores on the same items and data (`VersionScores`). Writes
     eval.json / eval.md (with the decision) to `out_dir` (default
     <storage_path>/runs/<run_name>/promote/)."""
     directories = list(dict.fromkeys(d for c in candidates for d in find_checkpoints(c)))
@@ -74,13 +76,18 @@ def promote_best(candidates: Sequence[str | Path], config: Config, *, source: st
         raise RaymedError("no candidates to promote")
     registry = Registry.for_config(config)
     current = ensure_base(registry, config)
-    models = {current: registry.path(current)} if current else {}
     labels = {f"c{i}": d for i, d in enumerate(directories, 1)}
     items_path = resolve_items_path(config.eval.mcq_path)
     items = load_items(items_path, max_items=config.eval.max_items, seed=config.seed)
+    scores = VersionScores(registry, config, items, validation)
     known = _scored_candidates(scored_report, labels, items) if scored_report else {}
-    to_score = models | {label: d for label, d in labels.items() if label not in known}
+    if current and (cached := scores.get(current)) is not None:
+        known[current] = cached
+    models = {current: registry.path(current)} if current else {}
+    to_score = {label: d for label, d in (models | labels).items() if label not in known}
     results = evaluate_models(config, to_score, items=items, validation=validation)[1] if to_score else {}
+    if current in results:
+        scores.put(current, results[current])
     results = {label: results[label] if label in results else known[label] for label in [*models, *labels]}
     best = best_candidate([results[label] for label in labels], config.eval.gate_metric)
     report = build_report(config, items, results, reference=current, items_path=str(items_path))
@@ -90,6 +97,7 @@ def promote_best(candidates: Sequence[str | Path], config: Config, *, source: st
         manifest = candidate_manifest(config, best, results.get(current), current, reason, source, items_path)
         try:
             version = registry.add(best.path, manifest, expect_current=current)
+            scores.put(version, best)
             reason = f"promoted {best.label} ({best.path}) as {version}: {reason}"
         except StaleCurrent as err:
             accepted, reason = False, str(err)
@@ -100,6 +108,29 @@ def promote_best(candidates: Sequence[str | Path], config: Config, *, source: st
     out = Path(out_dir) if out_dir else Path(config.storage_path).expanduser() / "runs" / config.run_name / "promote"
     json_path, _ = write_report(report, out)
     return PromotionResult(accepted, reason, version, current, best.path, report, json_path)
+
+
+class VersionScores:
+    """Registry versions' scores on these items (and validation blocks), cached beside the
+    registry (raymed.eval.score_cache): a version is scored once per registry, not once per
+    promotion."""
+
+    def __init__(self, registry: Registry, config: Config, items: list[dict], validation: bool):
+        self.registry, self.config, self.items, self.validation = registry, config, items, validation
+        self.corpus = data_fingerprint(config)["sha256"] if validation else None
+
+    def _cache_and_key(self, version: str) -> tuple[ScoreCache, str]:
+        directory = self.registry.path(version)
+        key = scoring_key(self.config, directory, self.items, self.validation, self.corpus)
+        return ScoreCache(self.registry.scores_dir(version)), key
+
+    def get(self, version: str) -> ModelEval | None:
+        cache, key = self._cache_and_key(version)
+        return cache.get(key, version, self.registry.path(version), self.items)
+
+    def put(self, version: str, result: ModelEval) -> None:
+        cache, key = self._cache_and_key(version)
+        cache.put(key, result)
 
 
 def _scored_candidates(report_path: str | Path, labels: dict[str, Path], items: list[dict]) -> dict[str, ModelEval]:

@@ -4,6 +4,7 @@
       v1/            the base model, registered on first use (so there is always one to serve)
       v2/ ...        promoted models: a Hugging Face directory + manifest.json
       current        a small text file naming the version to serve ("v2")
+      scores/vN/     the gate's cached scores of each version (raymed.eval.score_cache)
       .lock          held (fcntl.flock) by whoever changes the registry
 
 Changes are atomic: a version is built in a `.staging-*` directory inside the registry,
@@ -34,6 +35,7 @@ from raymed.errors import RaymedError
 CURRENT = "current"
 LOCK = ".lock"
 MANIFEST = "manifest.json"
+SCORES = "scores"
 STAGING_PREFIX = ".staging-"
 VERSION = re.compile(r"^v([1-9][0-9]*)$")
 MODEL_SUFFIXES = (".safetensors", ".json", ".jinja", ".txt", ".model")
@@ -91,6 +93,10 @@ class Registry:
             raise RaymedError(f"registry {self.root} has no version {version!r} "
                               f"(it has {', '.join(self.versions()) or 'none'})")
         return self.root / version
+
+    def scores_dir(self, version: str) -> Path:
+        """Where the gate caches `version`'s scores (raymed.eval.score_cache), beside the versions."""
+        return self.root / SCORES / self.path(version).name
 
     def manifest(self, version: str) -> dict:
         return json.loads((self.path(version) / MANIFEST).read_text())

@@ -120,6 +120,8 @@ def test_pipeline_job_runs_resumes_and_reruns_what_changed(head, default_assets,
         ["assets", "index", "data", "train", "evaluate", "promote", "deploy", "ask"], "done")
     answer = ask(port)  # the deployment outlives the job
     assert answer["model"] == "medical-assistant" and answer["usage"]["completion_tokens"] >= 1
+    (v1_scores,) = storage.glob("registry/*/scores/v1/*.json")  # cached at v1's promotion
+    cached_at = v1_scores.stat().st_mtime_ns
 
     succeeded, logs = head.submit("pipeline-2", *args)
     assert succeeded, logs[-3000:]
@@ -134,4 +136,9 @@ def test_pipeline_job_runs_resumes_and_reruns_what_changed(head, default_assets,
         assert f"[pipeline] {stage}: running" in logs
         assert records(storage)[stage]["finished"] > first[stage]["finished"]
     assert records(storage)["data"]["finished"] == first["data"]["finished"]
+    # v1 was not scored again: neither the evaluate stage nor the gate, which took its cached scores
+    evaluated = json.loads((storage / "runs" / RUN / "eval" / "eval.json").read_text())
+    promoted = json.loads((storage / "runs" / RUN / "promote" / "eval.json").read_text())
+    assert set(evaluated["models"]) == {"candidate"} and set(promoted["models"]) == {"v1", "c1"}
+    assert v1_scores.stat().st_mtime_ns == cached_at
     ask(port)

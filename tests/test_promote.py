@@ -13,7 +13,7 @@ import torch
 
 from raymed.config import EvalConfig, load_config
 from raymed.eval import ModelEval, load_items, read_scores, resolve_items_path
-from raymed.promote import best_candidate, data_fingerprint, gate, promote_best
+from raymed.promote import VersionScores, best_candidate, data_fingerprint, gate, promote_best
 from raymed.registry import Registry
 
 
@@ -144,5 +144,24 @@ def test_promotion_end_to_end(ray_cluster, tiny_model, tmp_path):
     assert read_scores(report, items, worse, "c1") is None
     marked = tmp_path / "marked.json"
     marked.write_text(json.dumps(report))
+
+    # The registry keeps each version's scores (scores/<version>/<key>.json): v1 was scored
+    # once, v2 took its own from its promotion, and the gate reads them instead of scoring
+    # (v2's entry, edited here, is what the next promotion compares with).
+    assert [len(list(registry.scores_dir(v).glob("*.json"))) for v in ("v1", "v2")] == [1, 1]
+    (entry,) = registry.scores_dir("v2").glob("*.json")
+    cached = json.loads(entry.read_text())
+    entry.write_text(json.dumps(cached | {"metrics": cached["metrics"] | {"val_loss": 7.0}}))
     reused = promote_best([kept], config, source="trial_3", scored_report=marked)
     assert reused.accepted and reused.report["models"]["c1"]["metrics"]["val_loss"] == 0.5
+    assert reused.report["models"]["v2"]["metrics"]["val_loss"] == 7.0
+    # An entry is used only under the same key: the same files, items, data and scoring.
+    scores = VersionScores(registry, config, items, validation=True)
+    assert scores.get("v3").metrics["val_loss"] == 0.5  # cached at v3's promotion, from the report
+    assert VersionScores(registry, config, items[:-1], validation=True).get("v3") is None
+    assert VersionScores(registry, config, items, validation=False).get("v3") is None
+    other_data = config.model_copy(update={"data": config.data.model_copy(update={"block_size": 32})})
+    assert VersionScores(registry, other_data, items, validation=True).get("v3") is None
+    other_scoring = config.model_copy(update={"eval": config.eval.model_copy(update={"length_norm": False})})
+    assert VersionScores(registry, other_scoring, items, validation=True).get("v3") is None
+

@@ -20,7 +20,7 @@ def evaluate_models(config: Config, models: dict[str, str | Path], *, items: lis
     directories = {label: resolve_model_dir(path) for label, path in models.items()}
     if items is None:
         items = load_items(resolve_items_path(config.eval.mcq_path), max_items=config.eval.max_items, seed=config.seed)
-    metrics: dict[str, dict] = {label: {} for label in directories}
+    blocks = None
     if validation:
         by_tokenizer: dict[str, object] = {}
         blocks = {}
@@ -29,6 +29,15 @@ def evaluate_models(config: Config, models: dict[str, str | Path], *, items: lis
             if key not in by_tokenizer:
                 by_tokenizer[key] = validation_blocks(config, directory)
             blocks[label] = by_tokenizer[key]
+    return items, results_from(config, directories, items, blocks)
+
+
+def results_from(config: Config, directories: dict[str, Path], items: list[dict],
+                 blocks: dict[str, object] | None) -> dict[str, ModelEval]:
+    """Every model's results: validation metrics on its `blocks` (None: none scored) and
+    multiple-choice picks, all models in one Ray Data pass each."""
+    metrics: dict[str, dict] = {label: {} for label in directories}
+    if blocks is not None:
         for label, values in score_blocks(directories, blocks, config.eval).items():
             metrics[label] |= values
     picks = score_items(directories, items, config.eval)
@@ -38,7 +47,7 @@ def evaluate_models(config: Config, models: dict[str, str | Path], *, items: lis
         correct = picks[label] == answers
         results[label] = ModelEval(label, str(directory), metrics[label] | mcq_metrics(items, correct),
                                    picks[label], correct)
-    return items, results
+    return results
 
 
 def evaluate(config: Config, model: str | Path, *, base: str | Path | None = None,
