@@ -3,8 +3,9 @@ gradients and exported weights match DDP's for every scope; sharding really shar
 sharded checkpoint resumes on one worker and after a killed worker; the consolidated
 Hugging Face directory is the sharded model; a damaged shard is an error naming it.
 
-The CI budget allows three Ray Train runs: the six ddp/fsdp × scope runs share one worker
-group (`_run_variants`, each a real WorkerLoop with its own config, logs and checkpoints).
+The CI budget allows two Ray Train runs: the killed-worker run and the six ddp/fsdp × scope
+runs share one (`_run_variants`: each a real WorkerLoop with its own config, logs and
+checkpoints), the one-worker resume is the other.
 """
 
 from __future__ import annotations
@@ -77,12 +78,17 @@ class _Probed(WorkerLoop):
 
 
 def _run_variants(variants: dict[str, dict], _outer: dict) -> None:
-    """Every variant's real loop in turn, in this one worker group, each a fresh run (not
-    resumed from the checkpoint the variant before it reported)."""
+    """Every variant's real loop in turn, in this one worker group. The first, `fsdp-killed`,
+    loses rank 1 after its step-2 checkpoint is registered (first attempt only); Ray Train
+    restarts the group and it resumes from that checkpoint, the latest registered. The
+    others start fresh, not from the checkpoint the variant before them reported."""
     import ray.train
+    from faults import kill_rank1_after_checkpoint_once
 
+    killed, *others = variants.values()
+    kill_rank1_after_checkpoint_once(killed, at_step=2)
     ray.train.get_checkpoint = lambda: None
-    for data in variants.values():
+    for data in others:
         _Probed(Config.model_validate(data)).run()
 
 
@@ -109,20 +115,21 @@ def _probes(config: Config) -> list[list[dict]]:
 
 @pytest.fixture(scope="module")
 def variants(ray_cluster, default_assets, tmp_path_factory):
-    """Six runs (ddp and fsdp × full, top_layers, lora) in one Ray Train run; their configs,
-    and the directory of all their checkpoints, in run order."""
+    """Seven runs (an fsdp run whose rank 1 is killed, then ddp and fsdp × full, top_layers,
+    lora) in one Ray Train run; their configs, checkpoints by step, and the datasets."""
     tmp_path = tmp_path_factory.mktemp("fsdp")
-    configs = {f"{strategy}-{scope}": load_config("ci-tiny", [
+    killed = load_config("ci-tiny", [*_base(tmp_path), *SCOPES["full"], "train.strategy=fsdp",
+                                     f"storage_path={tmp_path / 'killed'}", "run_name=killed"])
+    configs = {"fsdp-killed": killed} | {f"{strategy}-{scope}": load_config("ci-tiny", [
         *_base(tmp_path), *extra, f"train.strategy={strategy}", f"storage_path={tmp_path / strategy / scope}",
         f"run_name={scope}", *(FSDP_OPTIONS[scope] if strategy == "fsdp" else [])])
         for scope, extra in SCOPES.items() for strategy in ("ddp", "fsdp")}
-    outer = load_config("ci-tiny", [*_base(tmp_path), f"storage_path={tmp_path / 'all'}", "run_name=all",
-                                    "train.max_failures=0"])
+    outer = load_config("ci-tiny", [*_base(tmp_path), f"storage_path={tmp_path / 'all'}", "run_name=all"])
     datasets, _ = build_datasets(outer)
     result = fit(outer, datasets, loop=partial(_run_variants, {n: c.model_dump() for n, c in configs.items()}))
     assert result.error is None
     checkpoints = sorted(d for d in checkpoints_dir(outer).glob("checkpoint_*") if d.is_dir())
-    ends = {"full": [2, 4], "top_layers": [SCOPE_STEPS], "lora": [SCOPE_STEPS]}
+    ends = {"killed": [2, 4], "full": [2, 4], "top_layers": [SCOPE_STEPS], "lora": [SCOPE_STEPS]}
     order = [(name, step) for name in configs for step in ends[name.split("-", 1)[1]]]
     assert len(checkpoints) == len(order)
     by_variant: dict[str, dict[int, Path]] = {}
@@ -221,15 +228,12 @@ def test_a_two_worker_checkpoint_resumes_on_one_worker_with_the_same_next_losses
 
 @pytest.mark.slow
 def test_a_killed_worker_resumes_from_the_sharded_checkpoint_and_matches(variants):
-    from faults import kill_rank1_after_checkpoint_once
-
-    clean = variants["configs"]["fsdp-full"]
-    killed = load_config("ci-tiny", [*_base(variants["tmp_path"]), *SCOPES["full"], "train.strategy=fsdp",
-                                     f"storage_path={variants['tmp_path'] / 'killed'}", "run_name=killed"])
-    result = fit(killed, variants["datasets"], loop=partial(kill_rank1_after_checkpoint_once, at_step=2))
+    clean, killed = variants["configs"]["fsdp-full"], variants["configs"]["fsdp-killed"]
     assert (Path(killed.storage_path) / "killed").exists()  # the fault really happened
-    assert result.error is None and result.metrics["step"] == STEPS
-    assert json.loads((Path(result.checkpoint.path) / STATE_FILE).read_text())["attempt_started_at_step"] == 2
+    last = variants["checkpoints"]["fsdp-killed"][STEPS]
+    assert json.loads((last / STATE_FILE).read_text())["attempt_started_at_step"] == 2
+    assert f"resumed from checkpoint {variants['checkpoints']['fsdp-killed'][2]} at step 2" in \
+        (train_dir(killed) / "logs" / EVENTS_FILE).read_text()
     expected, got = _losses(clean), _losses(killed)
     assert sorted(got) == list(range(1, STEPS + 1))
     assert [got[s] for s in sorted(got)] == pytest.approx([expected[s] for s in sorted(got)], abs=LOSS_TOLERANCE)
