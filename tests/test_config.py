@@ -1,6 +1,6 @@
 import pytest
 
-from raymed.config import Config, dump_yaml, load_config, preset_names
+from raymed.config import Config, dump_yaml, load_config, preset_names, with_values
 from raymed.errors import RaymedError
 
 
@@ -66,6 +66,13 @@ def test_fsdp_options_are_checked_against_each_other():
     with pytest.raises(RaymedError, match="train.cpu_offload moves sharded state off the GPU: it needs train.use_gpu"):
         load_config("ci-tiny", ["train.strategy=fsdp", "train.cpu_offload=true"])
     load_config("ci-tiny", ["train.strategy=fsdp", "train.cpu_offload=true", "train.use_gpu=true"])
+
+
+def test_tune_and_plain_data_carry_the_strategy_unchanged():
+    config = load_config("ci-tiny", ["train.strategy=fsdp"])
+    assert Config.model_validate(config.model_dump()).train.strategy == "fsdp"  # as workers and trials rebuild it
+    assert with_values(load_config("ci-tiny"), {"train.strategy": "fsdp"}).train.strategy == "fsdp"
+    load_config("ci-tiny", ["tune.space={train.strategy: {choice: [ddp, fsdp]}}"])  # a searchable field
 
 
 def test_scratch_model_needs_architecture_and_tokenizer():

@@ -272,6 +272,7 @@ class WorkerLoop:
             directory, self.resumed_unregistered = newer[0], True
         if directory is None:
             return 0, 0
+        self._check_written_by_this_strategy(directory)
         if self.fsdp:
             load_sharded_state(self.model, self.optimizer, directory)
         else:
@@ -283,6 +284,14 @@ class WorkerLoop:
             unregistered = " (complete, not yet registered by Ray Train)" if newer else ""
             self.log.note(f"resumed from checkpoint {directory}{unregistered} at step {state['step']}")
         return state["step"], state["data_position"]
+
+    def _check_written_by_this_strategy(self, directory: Path) -> None:
+        """A DDP checkpoint has no shards and an FSDP one no optimizer.pt: resume as written."""
+        written_under = "fsdp" if (directory / SHARDED_DIR).is_dir() else "ddp"
+        if written_under != self.config.train.strategy:
+            raise RaymedError(f"checkpoint {directory} was written under train.strategy: {written_under}, this "
+                              f"run is {self.config.train.strategy}: resume with {written_under}, or start a new run "
+                              "(another run_name)")
 
     def _on_rank0(self, decide):
         """`decide()` run on rank 0, its result given to every rank (so all resume alike)."""
