@@ -95,8 +95,9 @@ def load_sharded_state(model, optimizer, checkpoint: Path) -> None:
     try:
         dcp.load(state, checkpoint_id=checkpoint / SHARDED_DIR)
     except Exception as err:  # DCP wraps every rank's failure in its own exception type
+        why = str(err).strip().splitlines()[-1]
         raise RaymedError(f"sharded checkpoint {checkpoint / SHARDED_DIR} does not load into the model being "
-                          f"trained ({str(err).strip().splitlines()[-1]}): resume with the model that wrote it") from None
+                          f"trained ({why}): resume with the model that wrote it") from None
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
 
 

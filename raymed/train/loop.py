@@ -29,9 +29,23 @@ from raymed.train.checkpoint import (
     write_checkpoint,
     write_training_state,
 )
-from raymed.train.fsdp import SHARDED_DIR, gather_full_state, load_sharded_state, save_consolidated, save_sharded_state, shard_model
+from raymed.train.fsdp import (
+    SHARDED_DIR,
+    gather_full_state,
+    load_sharded_state,
+    save_consolidated,
+    save_sharded_state,
+    shard_model,
+)
 from raymed.train.metrics import labelled_tokens, token_metrics, val_metrics
-from raymed.train.model import apply_scope, build_model, enable_activation_checkpointing, flops_per_token, load_tokenizer, unwrap
+from raymed.train.model import (
+    apply_scope,
+    build_model,
+    enable_activation_checkpointing,
+    flops_per_token,
+    load_tokenizer,
+    unwrap,
+)
 from raymed.train.runlog import RunLog
 from raymed.train.paths import checkpoints_dir, train_dir
 
