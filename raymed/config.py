@@ -13,18 +13,16 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator, model_validator
 
+from raymed.config_section import Section as _Section
 from raymed.errors import RaymedError
+from raymed.train_config import TrainConfig
 
 PRESETS = resources.files("raymed.presets")
 """The YAML presets, shipped inside the package (a wheel or `pip install .` has them)."""
 USER_CONFIGS = Path("configs")
 """A user's own YAML files, found by name too when run from the directory holding configs/."""
-
-
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
 class ModelConfig(_Section):
@@ -70,60 +68,6 @@ class DataConfig(_Section):
     max_validation_records: int | None = Field(None, ge=1)
     """Read only the first N records of the validation file (needs one: `validation_path`,
     or a cached corpus, which has one); every validation pass gets that much cheaper."""
-
-
-class TrainConfig(_Section):
-    """Ray Train fine-tuning."""
-
-    num_workers: int = Field(1, ge=1)
-    use_gpu: bool = False
-    cpus_per_worker: float = Field(1, gt=0)
-    gpus_per_worker: float = Field(1, gt=0)
-    """With use_gpu: a fraction (e.g. 0.5) packs several Tune trials onto one GPU."""
-    lr: float = Field(5e-5, gt=0, lt=1)
-    warmup_steps: int = Field(10, ge=0)
-    warmup_ratio: float | None = Field(None, ge=0, lt=1)
-    """When set, the warmup is this fraction of max_steps (and warmup_steps is ignored)."""
-    lr_schedule: Literal["linear", "cosine"] = "linear"
-    max_steps: int = Field(100, ge=1)
-    micro_batch_size: int = Field(8, ge=1)
-    grad_accum: int = Field(1, ge=1)
-    grad_clip: float = Field(1.0, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
-    scope: Literal["full", "top_layers", "lora"] = "full"
-    top_layers: int | None = Field(None, ge=1)
-    """With `scope: top_layers`: how many of the last transformer layers train."""
-    lora_r: int = Field(8, ge=1)
-    """With `scope: lora`: the adapters' rank."""
-    lora_alpha: float = Field(16, gt=0)
-    bf16: bool = False
-    compile: bool = False
-    eval_every: int = Field(50, ge=1)
-    log_every: int = Field(10, ge=1)
-    """Read the training loss from the device every N steps (and on the first, checkpoint
-    and last steps), in one transfer: fewer GPU syncs; metrics.jsonl still gets every step."""
-    keep_checkpoints: int = Field(2, ge=1)
-    max_failures: int = Field(1, ge=0)
-    peak_tflops: float = Field(989, gt=0)
-    """The accelerator's dense bf16 peak, for MFU (989: an H100 SXM)."""
-
-    @model_validator(mode="after")
-    def _consistent(self) -> TrainConfig:
-        if (self.scope == "top_layers") != (self.top_layers is not None):
-            raise ValueError("scope: top_layers and train.top_layers go together")
-        if self.effective_warmup_steps >= self.max_steps:
-            raise ValueError(
-                f"warmup_steps ({self.effective_warmup_steps}) must be < max_steps ({self.max_steps})"
-            )
-        if (self.bf16 or self.compile) and not self.use_gpu:
-            raise ValueError("bf16 and compile need use_gpu: true")
-        return self
-
-    @property
-    def effective_warmup_steps(self) -> int:
-        if self.warmup_ratio is not None:
-            return round(self.warmup_ratio * self.max_steps)
-        return self.warmup_steps
 
 
 Distribution = Literal["loguniform", "uniform", "randint", "choice", "grid"]

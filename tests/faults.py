@@ -52,3 +52,25 @@ def hang_after_checkpoint(config_data: dict, at_step: int = 4) -> None:
     from raymed.train import train_loop_per_worker
 
     train_loop_per_worker(config_data)
+
+
+def kill_rank1_after_checkpoint_once(config_data: dict, at_step: int = 4) -> None:
+    """The real loop, with rank 1 dying (os._exit) on the first attempt just after step
+    `at_step`'s checkpoint is registered, before the next step. A marker file under
+    storage_path makes the fault one-shot."""
+    import ray.train
+
+    from raymed.config import Config
+    from raymed.train import WorkerLoop
+
+    marker = Path(config_data["storage_path"]) / "killed"
+
+    class Killed(WorkerLoop):
+        def _train_step(self, stream):
+            if self.step == at_step and not marker.exists() and ray.train.get_context().get_world_rank() == 1:
+                ray.train.get_all_reported_checkpoints(timeout_s=120)  # step at_step's is registered
+                marker.touch()
+                os._exit(1)
+            return super()._train_step(stream)
+
+    Killed(Config.model_validate(config_data)).run()

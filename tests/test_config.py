@@ -1,6 +1,6 @@
 import pytest
 
-from raymed.config import Config, dump_yaml, load_config, preset_names
+from raymed.config import Config, dump_yaml, load_config, preset_names, with_values
 from raymed.errors import RaymedError
 
 
@@ -43,6 +43,9 @@ def test_config_round_trips_through_yaml_and_plain_data(tmp_path):
         ("train.warmup_steps=99", "warmup_steps (99) must be < max_steps (12)"),
         ("train.bf16=true", "bf16 and compile need use_gpu: true"),
         ("train.scope=top_layers", "scope: top_layers and train.top_layers go together"),
+        ("train.strategy=zero3", "train.strategy: Input should be 'ddp' or 'fsdp' (got 'zero3')"),
+        ("train.cpu_offload=true", "train.cpu_offload needs train.strategy: fsdp (it is ddp)"),
+        ("train.fsdp_reshard_after_forward=false", "train.fsdp_reshard_after_forward needs train.strategy: fsdp"),
         ("model.init=pretrained", "architecture is only used with init: scratch"),
         ("run_name=../escape", "run_name: String should match pattern"),
     ],
@@ -53,6 +56,23 @@ def test_bad_values_name_the_field_and_value(override, expected):
     message = str(err.value)
     assert expected in message
     assert "\n" not in message
+
+
+def test_fsdp_options_are_checked_against_each_other():
+    config = load_config("ci-tiny", ["train.strategy=fsdp", "train.fsdp_reshard_after_forward=false",
+                                     "train.activation_checkpointing=true"])
+    assert not config.train.reshard_after_forward
+    assert load_config("ci-tiny", ["train.strategy=fsdp", "train.num_workers=1"]).train.reshard_after_forward
+    with pytest.raises(RaymedError, match="train.cpu_offload moves sharded state off the GPU: it needs train.use_gpu"):
+        load_config("ci-tiny", ["train.strategy=fsdp", "train.cpu_offload=true"])
+    load_config("ci-tiny", ["train.strategy=fsdp", "train.cpu_offload=true", "train.use_gpu=true"])
+
+
+def test_tune_and_plain_data_carry_the_strategy_unchanged():
+    config = load_config("ci-tiny", ["train.strategy=fsdp"])
+    assert Config.model_validate(config.model_dump()).train.strategy == "fsdp"  # as workers and trials rebuild it
+    assert with_values(load_config("ci-tiny"), {"train.strategy": "fsdp"}).train.strategy == "fsdp"
+    load_config("ci-tiny", ["tune.space={train.strategy: {choice: [ddp, fsdp]}}"])  # a searchable field
 
 
 def test_scratch_model_needs_architecture_and_tokenizer():

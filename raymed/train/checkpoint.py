@@ -2,7 +2,8 @@
 it is, tokenizer included) plus `optimizer.pt` / `scheduler.pt` (tensors only, loaded with
 `weights_only=True`), `trainer_state.json` (step, data position, and the step the writing
 attempt started from) and, written last, `raymed_complete.json`: every other file's size
-and SHA-256.
+and SHA-256. Under `train.strategy: fsdp` the model and optimizer state are DCP shards in
+`sharded/` instead of `optimizer.pt` (raymed/train/fsdp.py); the mark lists them too.
 
 The completion mark closes a window Ray Train leaves open: a worker killed after its
 checkpoint reached storage but before the controller registered it would make the run
@@ -44,10 +45,25 @@ def write_checkpoint(out: Path, model, tokenizer, optimizer, scheduler, state: d
     """Every file of a checkpoint into `out`, the completion mark last."""
     save_checkpoint_model(model, tokenizer, out)
     torch.save(optimizer.state_dict(), out / "optimizer.pt")
+    write_training_state(out, scheduler, state)
+    mark_complete(out, state["step"])
+
+
+def write_training_state(out: Path, scheduler, state: dict) -> None:
     torch.save(scheduler.state_dict(), out / "scheduler.pt")
     (out / STATE_FILE).write_text(json.dumps(state))
-    files = {str(p.relative_to(out)): _file_entry(p) for p in sorted(out.rglob("*")) if p.is_file()}
-    (out / COMPLETE_FILE).write_text(json.dumps({"step": state["step"], "files": files}))
+
+
+def file_entries(directory: Path) -> dict[str, dict]:
+    """Every file below `directory` (by relative path): its size and SHA-256."""
+    return {str(p.relative_to(directory)): _file_entry(p) for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def mark_complete(out: Path, step: int, elsewhere: dict[str, dict] | None = None) -> None:
+    """Write the completion mark: the files in `out`, plus `elsewhere`'s entries (files other
+    ranks write into the same checkpoint, which reaches storage as one directory)."""
+    files = {**(elsewhere or {}), **file_entries(out)}
+    (out / COMPLETE_FILE).write_text(json.dumps({"step": step, "files": files}))
 
 
 def complete_step(directory: Path) -> int | None:
@@ -61,6 +77,22 @@ def complete_step(directory: Path) -> int | None:
         if not path.is_file() or path.stat().st_size != expected["size"] or file_sha256(path) != expected["sha256"]:
             return None
     return mark["step"]
+
+
+def check_files(directory: Path, under: str) -> None:
+    """Raise naming the first file below `directory / under` that the completion mark lists
+    but that is missing or differs from it in size or SHA-256 (or when there is no mark)."""
+    mark = _read_mark(directory)
+    if mark is None:
+        raise RaymedError(f"checkpoint {directory} has no readable {COMPLETE_FILE}: it was never completely written")
+    listed = {name: entry for name, entry in mark["files"].items() if Path(name).parts[0] == under}
+    if not listed:
+        raise RaymedError(f"checkpoint {directory} lists no files in {under}/ ({COMPLETE_FILE})")
+    for name, expected in sorted(listed.items()):
+        path = directory / name
+        if not path.is_file() or path.stat().st_size != expected["size"] or file_sha256(path) != expected["sha256"]:
+            raise RaymedError(f"checkpoint file {path} is damaged or missing (it does not match {COMPLETE_FILE}): "
+                              "delete that checkpoint to resume from the one before")
 
 
 def newest_complete(run_dir: Path, after_step: int) -> tuple[Path, int] | None:

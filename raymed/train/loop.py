@@ -1,5 +1,5 @@
-"""The training loop each Ray Train worker runs: DDP steps with a token-weighted loss,
-validation over every block, checkpoints reported to Ray Train, and resume."""
+"""The training loop each Ray Train worker runs: DDP or FSDP steps with a token-weighted
+loss, validation over every block, checkpoints reported to Ray Train, and resume."""
 
 from __future__ import annotations
 
@@ -16,17 +16,36 @@ import torch
 from tqdm import tqdm
 
 from raymed.config import Config
+from raymed.data.records import IGNORE_INDEX
 from raymed.errors import RaymedError
 from raymed.train.checkpoint import (
     STATE_FILE,
+    file_entries,
     load_checkpoint_model,
     load_tensors,
+    mark_complete,
     newest_complete,
     remove_unregistered,
     write_checkpoint,
+    write_training_state,
+)
+from raymed.train.fsdp import (
+    SHARDED_DIR,
+    gather_full_state,
+    load_sharded_state,
+    save_consolidated,
+    save_sharded_state,
+    shard_model,
 )
 from raymed.train.metrics import labelled_tokens, token_metrics, val_metrics
-from raymed.train.model import apply_scope, build_model, flops_per_token, load_tokenizer, unwrap
+from raymed.train.model import (
+    apply_scope,
+    build_model,
+    enable_activation_checkpointing,
+    flops_per_token,
+    load_tokenizer,
+    unwrap,
+)
 from raymed.train.runlog import RunLog
 from raymed.train.paths import checkpoints_dir, train_dir
 
@@ -37,13 +56,12 @@ def train_loop_per_worker(config_data: dict) -> None:
 
 
 class WorkerLoop:
-    """One DDP worker: its model, optimizer, schedule, data stream and throughput clocks.
-    Rank 0 also keeps the run log and the progress bar."""
+    """One DDP or FSDP worker: its model, optimizer, schedule, data stream and throughput
+    clocks. Rank 0 also keeps the run log and the progress bar."""
 
     def __init__(self, config: Config):
         import ray.train
         import ray.train.torch
-        from ray.train.torch import prepare_model
         from transformers import get_scheduler
 
         self.config, train = config, config.train
@@ -51,24 +69,36 @@ class WorkerLoop:
         if train.use_gpu:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
-        self.tokenizer = load_tokenizer(config.model)
-        self.model = prepare_model(apply_scope(build_model(config.model, self.tokenizer), train))
+        context = ray.train.get_context()
+        self.rank0, self.world = context.get_world_rank() == 0, context.get_world_size()
         self.device = ray.train.torch.get_device()
+        self.fsdp = train.strategy == "fsdp"
+        self.tokenizer = load_tokenizer(config.model)
+        self.model = self._distribute(apply_scope(build_model(config.model, self.tokenizer), train))
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=train.lr, weight_decay=train.weight_decay,
-                                           fused=train.use_gpu)
-        self.forward = torch.compile(self.model) if train.compile else self.model
+                                           fused=train.use_gpu)  # after sharding: over the shards
+        self.forward = torch.compile(self.model) if train.compile and not self.fsdp else self.model
         self.autocast = partial(torch.autocast, self.device.type, dtype=torch.bfloat16, enabled=train.bf16)
         self.scheduler = get_scheduler(train.lr_schedule, self.optimizer,
                                        train.effective_warmup_steps, train.max_steps)
-        context = ray.train.get_context()
-        self.rank0, self.world = context.get_world_rank() == 0, context.get_world_size()
         self.log = RunLog(train_dir(config) / "logs") if self.rank0 else None
         self.resumed_unregistered = False
         self.step, self.position = self._resume()
         self.start_step = self.step
         self.flops_per_token = flops_per_token(unwrap(self.model), config.data.block_size)
         self._restart_clocks()
+
+    def _distribute(self, model):
+        """The model wrapped for DDP (Ray's `prepare_model`) or sharded by FSDP2 (each block
+        compiled first when `train.compile`), activation checkpointing applied before either."""
+        from ray.train.torch import prepare_model
+
+        if self.config.train.activation_checkpointing:
+            enable_activation_checkpointing(model)
+        if self.fsdp:
+            return shard_model(model, self.config.train, self.device, self.world)
+        return prepare_model(model)
 
     def _restart_clocks(self) -> None:
         self.started = time.perf_counter()
@@ -137,15 +167,22 @@ class WorkerLoop:
         for index, batch in enumerate(batches):
             with self._gradient_sync(index == len(batches) - 1), self.autocast():
                 loss = self.forward(**batch, num_items_in_batch=tokens).loss
-            # DDP averages gradients over ranks; the loss is over all ranks' tokens already.
+            # DDP's all-reduce and FSDP's reduce-scatter both average gradients over ranks;
+            # the loss is over all ranks' tokens already.
             (loss * self.world).backward()
             loss_sum += loss.detach()
-        torch.nn.utils.clip_grad_norm_(self.params, self.config.train.grad_clip)
+        self._apply_gradients()
+        self.step += 1
+        return loss_sum
+
+    def _apply_gradients(self) -> torch.Tensor:
+        """Clip, step the optimizer and the schedule, clear the gradients; returns the
+        gradients' norm before clipping (over all ranks' shards under FSDP)."""
+        norm = torch.nn.utils.clip_grad_norm_(self.params, self.config.train.grad_clip)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self.step += 1
-        return loss_sum
+        return norm
 
     def _next_batch(self, stream) -> dict[str, torch.Tensor]:
         fetch = time.perf_counter()
@@ -156,7 +193,11 @@ class WorkerLoop:
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
 
     def _gradient_sync(self, last_micro_batch: bool):
-        """DDP all-reduces gradients on the step's last micro-batch only (`no_sync` before it)."""
+        """Gradients are reduced over ranks on the step's last micro-batch only: DDP's
+        `no_sync` before it; FSDP accumulates unsharded gradients until it is told to sync."""
+        if self.fsdp:
+            self.model.set_requires_gradient_sync(last_micro_batch)
+            return contextlib.nullcontext()
         if last_micro_batch or not hasattr(self.model, "no_sync"):
             return contextlib.nullcontext()
         return self.model.no_sync()
@@ -184,28 +225,50 @@ class WorkerLoop:
         from raymed.data.handoff import validation_batches
 
         started = time.perf_counter()
+        batches = validation_batches(self.config.train.micro_batch_size)
+        if self.fsdp:  # each forward all-gathers: every rank must run as many
+            batches = in_lockstep(batches, unscored_batch(self.config.data.block_size), self._any_rank)
         with self.autocast():
-            val = validate(unwrap(self.model), validation_batches(self.config.train.micro_batch_size),
-                           self.device, self._sum_over_ranks)
+            val = validate(unwrap(self.model), batches, self.device, self._sum_over_ranks)
         _check_finite("validation loss", val["val_loss"], self.step)
         self.validating += time.perf_counter() - started
         return val
 
+    def _any_rank(self, flag: bool) -> bool:
+        return bool(self._sum_over_ranks(torch.tensor(int(flag), device=self.device)).item())
+
     def _report_with_checkpoint(self, metrics: dict) -> None:
-        """The step's metrics, reported to Ray Train with a checkpoint (written by rank 0)."""
+        """The step's metrics, reported to Ray Train with a checkpoint: written by rank 0
+        under DDP; under FSDP every rank adds its shards, which Ray uploads into the one
+        checkpoint directory."""
         import ray.train
         from ray.train import Checkpoint
 
         started = time.perf_counter()
         state = {"step": self.step, "data_position": self.position, "attempt_started_at_step": self.start_step}
         with tempfile.TemporaryDirectory() as directory:
-            checkpoint = None
-            if self.rank0:
+            if self.fsdp:
+                self._write_sharded_checkpoint(Path(directory), state)
+            elif self.rank0:
                 write_checkpoint(Path(directory), unwrap(self.model), self.tokenizer, self.optimizer,
                                  self.scheduler, state)
-                checkpoint = Checkpoint.from_directory(directory)
-            ray.train.report(metrics, checkpoint=checkpoint)
+            writes = self.fsdp or self.rank0
+            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(directory) if writes else None)
         self.validating += time.perf_counter() - started
+
+    def _write_sharded_checkpoint(self, out: Path, state: dict) -> None:
+        """This rank's DCP shards; on rank 0 also the consolidated Hugging Face directory,
+        the schedule and the trainer state, and last the completion mark, which lists every
+        rank's files (their entries gathered here, since each rank writes its own directory)."""
+        save_sharded_state(out / SHARDED_DIR, self.model, self.optimizer)
+        full_state = gather_full_state(self.model)
+        if self.rank0:
+            save_consolidated(out, self.model, full_state, self.tokenizer, self.config.train)
+            write_training_state(out, self.scheduler, state)
+        del full_state
+        entries = self._gather(file_entries(out))
+        if self.rank0:
+            mark_complete(out, state["step"], {name: e for rank in entries[1:] for name, e in rank.items()})
 
     def _resume(self) -> tuple[int, int]:
         """(step, data position) after loading the latest checkpoint's state: Ray Train's
@@ -223,14 +286,26 @@ class WorkerLoop:
             directory, self.resumed_unregistered = newer[0], True
         if directory is None:
             return 0, 0
-        load_checkpoint_model(unwrap(self.model), directory)
-        self.optimizer.load_state_dict(load_tensors(directory / "optimizer.pt"))
+        self._check_written_by_this_strategy(directory)
+        if self.fsdp:
+            load_sharded_state(self.model, self.optimizer, directory)
+        else:
+            load_checkpoint_model(unwrap(self.model), directory)
+            self.optimizer.load_state_dict(load_tensors(directory / "optimizer.pt"))
         self.scheduler.load_state_dict(load_tensors(directory / "scheduler.pt"))
         state = json.loads((directory / STATE_FILE).read_text())
         if self.rank0:
             unregistered = " (complete, not yet registered by Ray Train)" if newer else ""
             self.log.note(f"resumed from checkpoint {directory}{unregistered} at step {state['step']}")
         return state["step"], state["data_position"]
+
+    def _check_written_by_this_strategy(self, directory: Path) -> None:
+        """A DDP checkpoint has no shards and an FSDP one no optimizer.pt: resume as written."""
+        written_under = "fsdp" if (directory / SHARDED_DIR).is_dir() else "ddp"
+        if written_under != self.config.train.strategy:
+            raise RaymedError(f"checkpoint {directory} was written under train.strategy: {written_under}, this "
+                              f"run is {self.config.train.strategy}: resume with {written_under}, or start a new run "
+                              "(another run_name)")
 
     def _on_rank0(self, decide):
         """`decide()` run on rank 0, its result given to every rank (so all resume alike)."""
@@ -240,6 +315,16 @@ class WorkerLoop:
         if dist.is_initialized() and self.world > 1:
             dist.broadcast_object_list(choice, src=0)
         return choice[0]
+
+    def _gather(self, value) -> list:
+        """`value` from every rank, in rank order (the same list on each)."""
+        import torch.distributed as dist
+
+        if not (dist.is_initialized() and self.world > 1):
+            return [value]
+        values = [None] * self.world
+        dist.all_gather_object(values, value)
+        return values
 
     def _forget_unregistered(self) -> None:
         """After resuming from a checkpoint Ray Train never registered, delete it once the
@@ -266,6 +351,24 @@ def validate(model, batches, device="cpu", sum_over_ranks=lambda t: t) -> dict[s
     model.train()
     loss_sum, correct, count = sum_over_ranks(totals.to(device)).cpu().tolist()
     return val_metrics(loss_sum, int(correct), int(count))
+
+
+def in_lockstep(batches, filler: dict[str, torch.Tensor], any_rank):
+    """`batches`, then `filler` for as long as another rank still has batches, so that all
+    ranks run the same number of forwards. `any_rank(flag)` is true when `flag` is on any."""
+    batches = iter(batches)
+    while True:
+        batch = next(batches, None)
+        if not any_rank(batch is not None):
+            return
+        yield filler if batch is None else batch
+
+
+def unscored_batch(block_size: int) -> dict[str, torch.Tensor]:
+    """One block with no labelled token: its forward adds nothing to validation's totals."""
+    return {"input_ids": torch.zeros(1, block_size, dtype=torch.long),
+            "position_ids": torch.arange(block_size).unsqueeze(0),
+            "labels": torch.full((1, block_size), IGNORE_INDEX)}
 
 
 def read_losses(pending: list[dict], sum_over_ranks=lambda t: t) -> None:

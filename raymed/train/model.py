@@ -102,8 +102,23 @@ def train_top_layers(model, top_layers: int) -> None:
 
 
 def decoder_layers(model):
-    """The model's stack of decoder blocks (Llama-style `layers`, GPT-2's `h`)."""
-    return model.base_model.layers if hasattr(model.base_model, "layers") else model.base_model.h
+    """The model's stack of decoder blocks (Llama-style `layers`, GPT-2's `h`), inside a
+    peft wrapper too."""
+    inner = unwrap_peft(model).base_model
+    return inner.layers if hasattr(inner, "layers") else inner.h
+
+
+def unwrap_peft(model):
+    """The Hugging Face model inside a peft wrapper (the model itself otherwise)."""
+    from peft import PeftModel
+
+    return model.get_base_model() if isinstance(model, PeftModel) else model
+
+
+def enable_activation_checkpointing(model) -> None:
+    """Recompute each decoder layer's activations in backward (before DDP or FSDP wraps the
+    model); non-reentrant, so frozen inputs (top_layers, lora) still get gradients."""
+    unwrap_peft(model).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def embeddings_tied(model) -> bool:
