@@ -71,7 +71,7 @@ def rank_batches(source, micro_batch_size: int, *, rank: int, world_size: int, d
             continue
         rows = {name: batch[name][lo : lo + micro_batch_size] for name in HANDOFF_FIELDS}
         if len(rows["input_ids"]):
-            yield {name: torch.as_tensor(values) for name, values in rows.items()}
+            yield {name: torch.tensor(values) for name, values in rows.items()}  # a copy: Ray's arrays are read-only
 
 
 def prefetched(batches: Iterator[dict[str, torch.Tensor]], *, pin_memory: bool, depth: int = 2) -> Iterator[dict[str, torch.Tensor]]:
