@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 import time
 import urllib.request
@@ -330,7 +331,8 @@ def deploy_stage(config: Config) -> dict:
 
 def ask_stage(config: Config, deployment: dict, promotion: dict, log: Callable[[str], None]) -> dict:
     """One real chat request to the deployed endpoint; the answer and which version gave it."""
-    answer = ask(config, deployment["url"], deployment["model"], config.pipeline.question)
+    text, finish_reason = ask(config, deployment["url"], deployment["model"], config.pipeline.question)
+    answer = complete_answer(text, finish_reason, config.pipeline.max_tokens)
     version = deployment["version"]
     if promotion["accepted"] and version == promotion["version"]:
         served = f"{deployment['model']} {version}, promoted from this run's candidate"
@@ -344,8 +346,8 @@ def ask_stage(config: Config, deployment: dict, promotion: dict, log: Callable[[
             "version": version, "url": deployment["url"]}
 
 
-def ask(config: Config, url: str, model: str, question: str, timeout_s: float = 300) -> str:
-    """POST /chat/completions (greedy) and return the answer's text."""
+def ask(config: Config, url: str, model: str, question: str, timeout_s: float = 300) -> tuple[str, str]:
+    """POST /chat/completions (greedy): the answer's text and its finish_reason."""
     from raymed.serve.app import api_key
 
     body = {"model": model, "messages": [{"role": "user", "content": question}],
@@ -362,7 +364,23 @@ def ask(config: Config, url: str, model: str, question: str, timeout_s: float = 
         raise RaymedError(f"{url}/chat/completions answered {err.code}: {err.read()[:300]!r}") from None
     except OSError as err:
         raise RaymedError(f"no answer from {url}/chat/completions: {err}") from None
-    return reply["choices"][0]["message"]["content"]
+    choice = reply["choices"][0]
+    return choice["message"]["content"], choice["finish_reason"]
+
+
+SENTENCE_END = re.compile(r"""[.!?]["')\]]*(?=\s|$)""")
+
+
+def complete_answer(text: str, finish_reason: str, max_tokens: int) -> str:
+    """The answer as the pipeline shows it: as it is when the model ended its turn; when it
+    was cut at `max_tokens` ("length"), trimmed to its last full sentence, with a note."""
+    if finish_reason != "length":
+        return text
+    ends = [match.end() for match in SENTENCE_END.finditer(text)]
+    limit = f"the answer reached pipeline.max_tokens={max_tokens}"
+    if not ends:
+        return f"{text.rstrip()} … (unfinished: {limit})"
+    return f"{text[:ends[-1]]}\n(trimmed to its last full sentence: {limit})"
 
 
 def _corpus_digest(config: Config) -> str:
