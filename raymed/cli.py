@@ -22,11 +22,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace, console) -> int:
     """The command; its errors on the terminal, with the log file's path once there is one
-    (an unexpected error's traceback goes there; verbose, it is raised as it is)."""
+    (their tracebacks go there; verbose, an unexpected error is raised as it is)."""
     try:
         return args.run(args)
     except RaymedError as err:
-        error(f"raymed: error: {err}")
+        error(f"raymed: error: {err}", exc=err)
         return 1
     except KeyboardInterrupt:
         error("raymed: interrupted")

@@ -64,6 +64,8 @@ class Session:
         os.dup2(log.fileno(), 2)
         sys.stdout = sys.stderr = log
         self._restore.append(lambda: _undo_capture(log, saved))
+        if not _ray_running():  # a Ray this command starts ends while its output still goes to the log
+            self._restore.append(_shutdown_ray)
         self.log_path = log_path
 
     def close(self) -> None:
@@ -71,6 +73,7 @@ class Session:
             undo()
         self._restore.clear()
         self._terminal = None
+        self.log_path = None
 
 
 def _duplicate(stream: TextIO, fd: int) -> TextIO:
@@ -83,6 +86,16 @@ def _duplicate(stream: TextIO, fd: int) -> TextIO:
     if not writes_to_fd:
         return stream
     return os.fdopen(os.dup(fd), "w", buffering=1, encoding=getattr(stream, "encoding", None) or "utf-8")
+
+
+def _ray_running() -> bool:
+    ray = sys.modules.get("ray")
+    return bool(ray and ray.is_initialized())
+
+
+def _shutdown_ray() -> None:
+    if _ray_running():
+        sys.modules["ray"].shutdown()
 
 
 def _undo_capture(log: TextIO, saved: tuple) -> None:
@@ -145,8 +158,17 @@ def error(message: str, exc: BaseException | None = None) -> None:
 
 
 def _write(stream: TextIO, text: str) -> None:
-    stream.write(text)
-    stream.flush()
+    """`text` to `stream`, the progress bar (if one is drawn) cleared first and redrawn after."""
+    bar = _session.bar
+    if bar is None:
+        stream.write(text)
+        stream.flush()
+    else:
+        with bar.get_lock():
+            bar.clear(nolock=True)
+            stream.write(text)
+            stream.flush()
+            bar.refresh(nolock=True)
     if _session.log_path and stream is not sys.stdout:
         sys.stdout.write(text)
 
