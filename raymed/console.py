@@ -63,7 +63,7 @@ class Session:
         os.dup2(log.fileno(), 1)
         os.dup2(log.fileno(), 2)
         sys.stdout = sys.stderr = log
-        self._restore.append(lambda: _undo_capture(log, saved))
+        self._restore.append(lambda: _undo_capture(log, saved, self._terminal))
         if not _ray_running():  # a Ray this command starts ends while its output still goes to the log
             self._restore.append(_shutdown_ray)
         self.log_path = log_path
@@ -98,8 +98,11 @@ def _shutdown_ray() -> None:
         sys.modules["ray"].shutdown()
 
 
-def _undo_capture(log: TextIO, saved: tuple) -> None:
+def _undo_capture(log: TextIO, saved: tuple, terminal: tuple[TextIO, TextIO]) -> None:
     stdout, stderr, fd1, fd2 = saved
+    for stream in terminal:
+        if stream not in (stdout, stderr):  # a duplicate of ours
+            stream.close()
     for stream in (sys.stdout, sys.stderr):
         stream.flush()
     os.dup2(fd1, 1)

@@ -98,6 +98,7 @@ def test_an_error_after_the_log_opened_names_its_cause_and_the_log(tmp_path, cap
     assert "what Ray would print" in log and "ValueError: no such corpus" in log and "data failed" in log
 
 
+@pytest.mark.slow
 def test_a_failing_pipeline_stage_reaches_the_terminal_with_the_log_path(default_assets, tmp_path):
     missing = tmp_path / "missing.jsonl"
     args = pipeline_args(tmp_path, f"data.train_path={missing}")
@@ -129,3 +130,13 @@ def test_raymed_log_level_turns_verbose_on_and_a_bad_one_is_refused(monkeypatch)
         log_level(verbose=False)
     monkeypatch.delenv("RAYMED_LOG_LEVEL")
     assert log_level(verbose=False) is None and log_level(verbose=True) == "INFO"
+
+
+def test_training_progress_reads_the_last_complete_logged_step(tmp_path):
+    from raymed.train.progress import last_step
+
+    metrics = tmp_path / "metrics.jsonl"
+    assert last_step(metrics) == 0  # not written yet
+    metrics.write_text("".join(json.dumps({"step": step, "train_loss": 1.0}) + "\n" for step in range(1, 400))
+                       + '{"step": 400, "train_lo')  # a line being written
+    assert last_step(metrics) == 399
