@@ -241,9 +241,9 @@ def progress(what: str, total: int | None = None, unit: str = "it"):
     label = f"[pipeline] {_session.stage}: {what}" if _session.stage else what
     current = _session.bar
     if current is not None:
-        current.reset(total=total)
         current.unit, current.bar_format = unit, None if total else "{desc} {elapsed}"
-        current.set_description(label, refresh=True)
+        current.set_description(label, refresh=False)
+        current.reset(total=total)  # redraws it
         yield current
         return
     bar = tqdm(total=total, desc=label, unit=unit, file=_session.err(), leave=False, dynamic_ncols=True,
