@@ -6,19 +6,36 @@ import argparse
 import sys
 from pathlib import Path
 
-from raymed.errors import RaymedError
+from raymed.console import command_session, error, say
+from raymed.errors import RaymedError, last_line
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        return args.run(args)
-    except RaymedError as err:
+        with command_session(verbose=args.verbose) as console:
+            return _run(args, console)
+    except RaymedError as err:  # a bad RAYMED_LOG_LEVEL
         print(f"raymed: error: {err}", file=sys.stderr)
         return 1
+
+
+def _run(args: argparse.Namespace, console) -> int:
+    """The command; its errors on the terminal, with the log file's path once there is one
+    (their tracebacks go there; verbose, an unexpected error is raised as it is)."""
+    try:
+        return args.run(args)
+    except RaymedError as err:
+        error(f"raymed: error: {err}", exc=err)
+        return 1
     except KeyboardInterrupt:
-        print("raymed: interrupted", file=sys.stderr)
+        error("raymed: interrupted")
         return 130
+    except Exception as err:
+        if console.verbose:
+            raise
+        error(f"raymed: error: {type(err).__name__}: {last_line(err)}", exc=err)
+        return 1
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -26,6 +43,7 @@ def _parser() -> argparse.ArgumentParser:
         prog="raymed",
         description="Fine-tune and serve a medical-assistant language model with Ray.",
     )
+    _add_verbose_flag(parser, default=False)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     assets = commands.add_parser(
@@ -135,35 +153,9 @@ def _parser() -> argparse.ArgumentParser:
     _add_config_args(rollback)
     rollback.set_defaults(run=_run_registry_rollback)
 
-    serve_cmd = commands.add_parser(
-        "serve",
-        help="serve the model over an OpenAI-compatible HTTP API (Ray Serve) until Ctrl-C",
-        description="Deploy the Serve app (autoscaled model replicas behind a FastAPI ingress) on a "
-        "local Ray (or RAY_ADDRESS), print its URL, and run until Ctrl-C. Settings: the serve section "
-        "(serve.model, serve.port, serve.max_replicas, ...); RAYMED_API_KEY turns auth on.",
-    )
-    serve_cmd.add_argument(
-        "--deploy", action="store_true",
-        help="deploy (or roll forward to the registry's current version) on the running cluster "
-        "(RAY_ADDRESS) and return; replicas are replaced without failing requests in flight")
-    _add_config_args(serve_cmd)
-    serve_cmd.set_defaults(run=_run_serve)
+    from raymed.serve.cli import add_serve_commands
 
-    chat = commands.add_parser(
-        "chat",
-        help="chat with the served model in the terminal (answers stream in, with the safety banner)",
-        description="A terminal client for `raymed serve`: streams each answer as it is generated, shows "
-        "the emergency banner the server attaches to a red-flag question and the disclaimer.",
-    )
-    chat.add_argument("--url", default="http://127.0.0.1:8000/v1", help="the API base URL (default: %(default)s)")
-    chat.add_argument("--api-key", default=None, help="the server's API key (default: $RAYMED_API_KEY)")
-    chat.add_argument("--model", default=None, help="the model name (default: the one the server serves)")
-    chat.add_argument("--max-tokens", type=int, default=None, help="answer length cap (default: the server's)")
-    chat.add_argument("--temperature", type=float, default=None,
-                      help="sampling temperature (default: the served model's own, from its generation config)")
-    chat.add_argument("-m", "--message", dest="messages", action="append", default=[], metavar="TEXT",
-                      help="ask TEXT and exit (repeatable: one conversation); without it, read questions from stdin")
-    chat.set_defaults(run=_run_chat)
+    add_serve_commands(commands, _add_config_args)
 
     pipeline = commands.add_parser(
         "pipeline",
@@ -186,7 +178,22 @@ def _parser() -> argparse.ArgumentParser:
     )
     _add_config_args(config)
     config.set_defaults(run=_run_config)
+    for command in _leaf_parsers(parser):
+        _add_verbose_flag(command, default=argparse.SUPPRESS)  # after the command too: `raymed pipeline -v`
     return parser
+
+
+def _add_verbose_flag(parser: argparse.ArgumentParser, default) -> None:
+    parser.add_argument("-v", "--verbose", action="store_true", default=default,
+                        help="print Ray's, Ray Data's, Ray Train's and Serve's own output here too, instead of "
+                        "only to the run's raymed.log (also: RAYMED_LOG_LEVEL=DEBUG|INFO|...)")
+
+
+def _leaf_parsers(parser: argparse.ArgumentParser):
+    """Every command's own parser (`data inspect`, not `data`)."""
+    for action in parser._subparsers._group_actions if parser._subparsers else ():
+        for child in action.choices.values():
+            yield from (_leaf_parsers(child) if child._subparsers else [child])
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -210,7 +217,7 @@ def _run_assets(args: argparse.Namespace) -> int:
         names = tuple(args.only) if args.only else ASSET_NAMES
         statuses = build_assets(args.cache, names, seed=args.seed, force=args.force)
     for status in statuses:
-        print(f"{status.name:15} {status.state:8} {', '.join(str(p) for p in status.paths)}")
+        say(f"{status.name:15} {status.state:8} {', '.join(str(p) for p in status.paths)}")
         _print_summary(status.summary)
     bad = [s.name for s in statuses if s.state not in ("built", "present")]
     if bad:
@@ -221,10 +228,10 @@ def _run_assets(args: argparse.Namespace) -> int:
 def _print_summary(summary: dict, indent: str = "    ") -> None:
     for key, value in summary.items():
         if isinstance(value, dict):
-            print(f"{indent}{key}:")
+            say(f"{indent}{key}:")
             _print_summary(value, indent + "  ")
         else:
-            print(f"{indent}{key}: {value}")
+            say(f"{indent}{key}: {value}")
 
 
 def _run_data_inspect(args: argparse.Namespace) -> int:
@@ -233,12 +240,12 @@ def _run_data_inspect(args: argparse.Namespace) -> int:
     from raymed.data.pipeline import build_datasets
 
     config = load_config(args.config, [*args.overrides, f"data.train_path={args.path}"])
-    _ray_init()
+    _ray_init(config)
     _, stats = build_datasets(config)
-    print(report(args.path, stats))
+    say(report(args.path, stats))
     if args.plot:
         plot(stats, args.plot)
-        print(f"histogram written to {args.plot}")
+        say(f"histogram written to {args.plot}")
     return 0
 
 
@@ -248,11 +255,14 @@ def _run_train(args: argparse.Namespace) -> int:
     from raymed.train import fit
 
     config = load_config(args.config, args.overrides)
-    _ray_init(log_to_driver=True)
+    from raymed.train.progress import training_progress
+
+    _ray_init(config)
     datasets, _ = build_datasets(config)
-    result = fit(config, datasets)
-    print(f"final metrics: {result.metrics}")
-    print(f"latest checkpoint: {result.checkpoint.path if result.checkpoint else 'none'}")
+    with training_progress(config):
+        result = fit(config, datasets)
+    say(f"final metrics: {result.metrics}")
+    say(f"latest checkpoint: {result.checkpoint.path if result.checkpoint else 'none'}")
     return 0
 
 
@@ -263,12 +273,15 @@ def _run_tune(args: argparse.Namespace) -> int:
 
     sections = {"tune": read_yaml(args.space)} if args.space else None
     config = load_config(args.config, args.overrides, sections)
-    _ray_init(log_to_driver=True)
+    from raymed.train.progress import training_progress
+
+    _ray_init(config)
     datasets, _ = build_datasets(config)
-    result = run_sweep(config, datasets, resume=args.resume)
-    print(format_table(config, result))
-    print(f"results: {result.directory / 'results.csv'}, learning curves: {result.directory / 'curves.png'}")
-    print(f"best trial {result.best.trial}: {config.tune.metric} {result.best.best:.4f} at step "
+    with training_progress(config, sweep=True):
+        result = run_sweep(config, datasets, resume=args.resume)
+    say(format_table(config, result))
+    say(f"results: {result.directory / 'results.csv'}, learning curves: {result.directory / 'curves.png'}")
+    say(f"best trial {result.best.trial}: {config.tune.metric} {result.best.best:.4f} at step "
           f"{result.best.best_step}, checkpoint {result.best.best_checkpoint}")
     if not args.no_promote:
         from raymed.promote import describe, promote_best
@@ -276,18 +289,18 @@ def _run_tune(args: argparse.Namespace) -> int:
         promotion = promote_best([result.best.best_checkpoint], config,
                                  source=f"{config.run_name}/tune/{result.best.trial}",
                                  out_dir=result.directory / "promote")
-        print(describe(promotion))
-        print(f"current: {promotion.current}; report: {promotion.report_path}")
+        say(describe(promotion))
+        say(f"current: {promotion.current}; report: {promotion.report_path}")
     return 0
 
 
-def _ray_init(log_to_driver: bool = False) -> None:
-    """Join RAY_ADDRESS's cluster, or start a local one; workers' output is forwarded
-    only where it is the progress the user watches (training)."""
-    import ray
+def _ray_init(config) -> None:
+    """Join RAY_ADDRESS's cluster, or start a local one; quiet, Ray's output goes to the run
+    directory's raymed.log."""
+    from raymed.console import start_ray
+    from raymed.pipeline import run_dir
 
-    if not ray.is_initialized():
-        ray.init(include_dashboard=False, configure_logging=False, log_to_driver=log_to_driver)
+    start_ray(run_dir(config))
 
 
 def _run_eval(args: argparse.Namespace) -> int:
@@ -304,14 +317,14 @@ def _run_eval(args: argparse.Namespace) -> int:
     config = load_config(args.config, overrides)
     for model in filter(None, (args.model, args.base)):
         resolve_model_dir(model)  # a bad directory fails before Ray starts
-    _ray_init()
+    _ray_init(config)
     if args.grounded:
         from raymed.index.evaluate import run_grounded_eval
 
         return run_grounded_eval(config, args.model, args.base, args.out)
     report, path = evaluate(config, args.model, base=args.base, out_dir=args.out, validation=not args.no_validation)
-    print(render_table(report))
-    print(f"\nwrote {path} and {path.with_name('eval.md')}")
+    say(render_table(report))
+    say(f"\nwrote {path} and {path.with_name('eval.md')}")
     return 0
 
 
@@ -323,10 +336,10 @@ def _run_promote(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.overrides)
     for candidate in args.candidate:
         find_checkpoints(candidate)  # a bad directory fails before Ray starts
-    _ray_init()
+    _ray_init(config)
     result = promote_best(args.candidate, config, source=args.source, out_dir=args.out)
-    print(describe(result))
-    print(f"current: {result.current}; report: {result.report_path}")
+    say(describe(result))
+    say(f"current: {result.current}; report: {result.report_path}")
     return 0
 
 
@@ -341,19 +354,19 @@ def _run_registry_list(args: argparse.Namespace) -> int:
     registry = _registry(args)
     versions = registry.versions()
     if not versions:
-        print(f"registry {registry.root} is empty (the base model is registered as v1 on first use)")
+        say(f"registry {registry.root} is empty (the base model is registered as v1 on first use)")
         return 0
     current = registry.current()
-    print(f"{'':2}{'version':8} {'created':21} {'val_loss':>9} {'mcq_acc':>8}  source")
+    say(f"{'':2}{'version':8} {'created':21} {'val_loss':>9} {'mcq_acc':>8}  source")
     for version in versions:
         manifest = registry.manifest(version)
         metrics, source = manifest.get("metrics") or {}, manifest.get("source") or {}
         origin = source.get("checkpoint") or source.get("base_model") or ""
         if source.get("trial"):
             origin = f"{source['trial']}: {origin}"
-        print(f"{'*' if version == current else '':2}{version:8} {manifest.get('created', ''):21} "
+        say(f"{'*' if version == current else '':2}{version:8} {manifest.get('created', ''):21} "
               f"{_metric(metrics, 'val_loss'):>9} {_metric(metrics, 'mcq_acc'):>8}  {origin}")
-    print(f"\n* current ({registry.root / 'current'})")
+    say(f"\n* current ({registry.root / 'current'})")
     return 0
 
 
@@ -368,42 +381,14 @@ def _run_registry_show(args: argparse.Namespace) -> int:
     version = args.version or registry.current()
     if version is None:
         raise RaymedError(f"registry {registry.root} is empty")
-    print(json.dumps({"path": str(registry.path(version)), **registry.manifest(version)}, indent=1))
+    say(json.dumps({"path": str(registry.path(version)), **registry.manifest(version)}, indent=1))
     return 0
 
 
 def _run_registry_rollback(args: argparse.Namespace) -> int:
     old, new = _registry(args).rollback(args.version)
-    print(f"current: {old} → {new} (the next deploy serves {new})")
+    say(f"current: {old} → {new} (the next deploy serves {new})")
     return 0
-
-
-def _run_serve(args: argparse.Namespace) -> int:
-    from raymed.config import load_config
-    from raymed.serve.deploy import deploy
-
-    deployment = deploy(load_config(args.config, args.overrides))
-    version = f" {deployment.version}" if deployment.version else ""
-    print(f"raymed: serving {deployment.model}{version} at {deployment.url} "
-          f"(auth {'on' if deployment.auth else 'off'}); chat page at {deployment.url.removesuffix('/v1')}/", flush=True)
-    if args.deploy:
-        return 0
-    _serve_until_interrupted()
-
-
-def _serve_until_interrupted() -> None:
-    import signal
-    import time
-
-    from ray import serve
-
-    print("raymed: Ctrl-C stops", flush=True)
-    signal.signal(signal.SIGTERM, _interrupt)  # stop as on Ctrl-C (also when started in the background)
-    try:
-        while True:
-            time.sleep(3600)
-    finally:
-        serve.shutdown()
 
 
 def _run_pipeline(args: argparse.Namespace) -> int:
@@ -415,18 +400,21 @@ def _run_pipeline(args: argparse.Namespace) -> int:
     source = args.config or _hardware_preset()
     config = load_config(source, args.overrides)  # a bad or missing config fails before Ray starts
     on_cluster = bool(os.environ.get("RAY_ADDRESS"))
+    _ray_init(config)
     result = run_pipeline(config)
     deployment = result.stages["deploy"].outputs
     if args.no_serve:
         from ray import serve
 
         serve.shutdown()
-        print(f"raymed: pipeline done ({result.directory}); Serve stopped (--no-serve)", flush=True)
+        say(f"raymed: pipeline done ({result.directory}); Serve stopped (--no-serve)")
         return 0
-    print(f"raymed: pipeline done ({result.directory}); serving {deployment['model']} "
-          f"{deployment['version'] or ''} at {deployment['url']}", flush=True)
+    say(f"raymed: pipeline done ({result.directory}); serving {deployment['model']} "
+          f"{deployment['version'] or ''} at {deployment['url']}")
     if not on_cluster:
-        _serve_until_interrupted()  # the local Ray, and Serve with it, ends with this process
+        from raymed.serve.cli import serve_until_interrupted
+
+        serve_until_interrupted()  # the local Ray, and Serve with it, ends with this process
     return 0
 
 
@@ -434,26 +422,12 @@ def _hardware_preset() -> str:
     import torch
 
     preset = "gpu" if torch.cuda.is_available() else "cpu-demo"
-    print(f"raymed: no --config given: using the {preset} preset", flush=True)
+    say(f"raymed: no --config given: using the {preset} preset")
     return preset
-
-
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt
-
-
-def _run_chat(args: argparse.Namespace) -> int:
-    import os
-
-    from raymed.chat import ChatClient, run_chat
-
-    client = ChatClient(args.url, api_key=args.api_key or os.environ.get("RAYMED_API_KEY") or None,
-                        model=args.model, max_tokens=args.max_tokens, temperature=args.temperature)
-    return run_chat(client, args.messages)
 
 
 def _run_config(args: argparse.Namespace) -> int:
     from raymed.config import dump_yaml, load_config
 
-    print(dump_yaml(load_config(args.config, args.overrides)), end="")
+    say(dump_yaml(load_config(args.config, args.overrides)), end="")
     return 0

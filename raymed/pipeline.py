@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 import time
 import urllib.request
@@ -32,6 +33,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from raymed.config import Config
+from raymed.console import init_ray, running_stage, say
 from raymed.errors import RaymedError, last_line
 from raymed.index.build import index_stage
 
@@ -82,9 +84,10 @@ def fingerprint(value) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def run_stages(stages: list[Stage], records: Path, log: Callable[[str], None] = print) -> dict[str, StageRun]:
+def run_stages(stages: list[Stage], records: Path, log: Callable[[str], None] = say) -> dict[str, StageRun]:
     """Run `stages` in order, skipping the complete ones whose fingerprint matches their
-    record; each stage's record is written to `records/<name>.json`."""
+    record; each stage's record is written to `records/<name>.json`. One line is logged
+    per stage, once it has run or been skipped."""
     records.mkdir(parents=True, exist_ok=True)
     done: dict[str, StageRun] = {}
     for stage in stages:
@@ -96,20 +99,21 @@ def run_stages(stages: list[Stage], records: Path, log: Callable[[str], None] = 
             log(f"[pipeline] {stage.name}: skipped (up to date, fingerprint {expected[:12]})")
             done[stage.name] = StageRun(stage.name, "skipped", 0.0, expected, record["outputs"])
             continue
-        if expected and record and record["fingerprint"] != expected and stage.clear:
-            log(f"[pipeline] {stage.name}: inputs changed since the last run, removing its outputs")
+        changed = bool(expected and record and record["fingerprint"] != expected and stage.clear)
+        if changed:
             stage.clear()
-        done[stage.name] = _run_one(stage, expected, done, records, log)
+        done[stage.name] = _run_one(stage, expected, done, records, log,
+                                    note=" (inputs changed: its earlier outputs were removed)" if changed else "")
     return done
 
 
 def _run_one(stage: Stage, expected: str | None, done: dict[str, StageRun], records: Path,
-             log: Callable[[str], None]) -> StageRun:
-    log(f"[pipeline] {stage.name}: running")
+             log: Callable[[str], None], note: str = "") -> StageRun:
     write_record(records, stage.name, {"status": "running", "fingerprint": expected})
     started = time.monotonic()
     try:
-        outputs = stage.run({name: done[name].outputs for name in stage.upstream})
+        with running_stage(stage.name):
+            outputs = stage.run({name: done[name].outputs for name in stage.upstream})
     except Exception as err:
         write_record(records, stage.name, {"status": "failed", "fingerprint": expected, "error": last_line(err)})
         raise StageFailed(stage.name, err, [name for name in done]) from err
@@ -117,7 +121,7 @@ def _run_one(stage: Stage, expected: str | None, done: dict[str, StageRun], reco
     final = expected or fingerprint({"outputs": outputs})
     write_record(records, stage.name, {"status": "done", "fingerprint": final, "outputs": outputs,
                                        "seconds": round(seconds, 2), "finished": time.time()})
-    log(f"[pipeline] {stage.name}: done in {seconds:.1f} s")
+    log(f"[pipeline] {stage.name}: ran in {seconds:.1f} s{note}")
     return StageRun(stage.name, "ran", seconds, final, outputs)
 
 
@@ -160,7 +164,7 @@ class PipelineResult:
         return {name: {"status": s.status, "seconds": round(s.seconds, 2)} for name, s in self.stages.items()}
 
 
-def run_pipeline(config: Config, log: Callable[[str], None] = print) -> PipelineResult:
+def run_pipeline(config: Config, log: Callable[[str], None] = say) -> PipelineResult:
     """Every stage for `config`, on the Ray cluster in reach (RAY_ADDRESS) or a local one;
     leaves the model deployed on Serve."""
     directory = run_dir(config)
@@ -207,7 +211,7 @@ def assets_stage() -> dict:
 
     statuses = build_assets()
     built = [s.name for s in statuses if s.state == "built"]
-    print(f"[pipeline] assets built: {', '.join(built)}" if built else "[pipeline] assets: all present and intact")
+    say(f"[pipeline] assets built: {', '.join(built)}" if built else "[pipeline] assets: all present and intact")
     root = default_cache_dir()
     files = {asset.name: (read_manifest(asset, root) or {}).get("files") for asset in ASSETS}
     return {"cache": str(root), "digest": fingerprint(files)}  # the same files: the same fingerprint
@@ -221,7 +225,7 @@ def data_stage(config: Config) -> dict:
     """Tokenize and pack the corpus with Ray Data; write the blocks as parquet."""
     from raymed.data.pipeline import build_datasets
 
-    ensure_ray()
+    init_ray()
     datasets, stats = build_datasets(config)
     paths = []
     for split, dataset in datasets.items():
@@ -244,7 +248,9 @@ def load_blocks(config: Config) -> dict:
 
 def train_stage(config: Config) -> dict:
     """One Ray Train fine-tune, or (pipeline.tune) a Ray Tune sweep; the best checkpoint."""
-    ensure_ray()
+    from raymed.train.progress import training_progress
+
+    init_ray()
     datasets = load_blocks(config)
     if config.pipeline.tune:
         from ray import tune
@@ -252,13 +258,15 @@ def train_stage(config: Config) -> dict:
         from raymed.sweep import EXPERIMENT, run_sweep, sweep_dir
 
         resume = tune.Tuner.can_restore(str(sweep_dir(config) / EXPERIMENT))
-        result = run_sweep(config, datasets, resume=resume)
+        with training_progress(config, sweep=True):
+            result = run_sweep(config, datasets, resume=resume)
         best = result.best
         return {"candidate": best.best_checkpoint, "source": f"{config.run_name}/tune/{best.trial}",
                 "metrics": {config.tune.metric: best.best, "step": best.best_step}, "paths": [best.best_checkpoint]}
     from raymed.train import fit
 
-    result = fit(config, datasets)
+    with training_progress(config):
+        result = fit(config, datasets)
     checkpoint = _best_checkpoint(result, config)
     return {"candidate": checkpoint, "source": f"{config.run_name}/train", "metrics": result.metrics or {},
             "paths": [checkpoint]}
@@ -286,7 +294,7 @@ def evaluate_stage(config: Config, trained: dict) -> dict:
     from raymed.promote import VersionScores, ensure_base
     from raymed.registry import Registry
 
-    ensure_ray()
+    init_ray()
     models = {"candidate": resolve_model_dir(trained["candidate"])}
     items_path = resolve_items_path(config.eval.mcq_path)
     items = load_items(items_path, max_items=config.eval.max_items, seed=config.seed)
@@ -312,7 +320,7 @@ def promote_stage(config: Config, trained: dict, evaluated: dict, log: Callable[
     current version; promoted if better."""
     from raymed.promote import promote_best
 
-    ensure_ray()
+    init_ray()
     result = promote_best([trained["candidate"]], config, source=trained["source"],
                           out_dir=run_dir(config) / "promote", scored_report=evaluated["report"])
     log(f"[pipeline] gate: {result.reason}")
@@ -325,7 +333,7 @@ def deploy_stage(config: Config) -> dict:
     """Deploy (or roll forward to) the registry's current version on Ray Serve."""
     from raymed.serve.deploy import deploy
 
-    ensure_ray()
+    init_ray()
     deployment = deploy(config)
     return {"url": deployment.url, "model": deployment.model, "version": deployment.version,
             "auth": deployment.auth}
@@ -333,7 +341,8 @@ def deploy_stage(config: Config) -> dict:
 
 def ask_stage(config: Config, deployment: dict, promotion: dict, log: Callable[[str], None]) -> dict:
     """One real chat request to the deployed endpoint; the answer and which version gave it."""
-    answer = ask(config, deployment["url"], deployment["model"], config.pipeline.question)
+    text, finish_reason = ask(config, deployment["url"], deployment["model"], config.pipeline.question)
+    answer = complete_answer(text, finish_reason, config.pipeline.max_tokens)
     version = deployment["version"]
     if promotion["accepted"] and version == promotion["version"]:
         served = f"{deployment['model']} {version}, promoted from this run's candidate"
@@ -347,8 +356,8 @@ def ask_stage(config: Config, deployment: dict, promotion: dict, log: Callable[[
             "version": version, "url": deployment["url"]}
 
 
-def ask(config: Config, url: str, model: str, question: str, timeout_s: float = 300) -> str:
-    """POST /chat/completions (greedy) and return the answer's text."""
+def ask(config: Config, url: str, model: str, question: str, timeout_s: float = 300) -> tuple[str, str]:
+    """POST /chat/completions (greedy): the answer's text and its finish_reason."""
     from raymed.serve.app import api_key
 
     body = {"model": model, "messages": [{"role": "user", "content": question}],
@@ -365,16 +374,23 @@ def ask(config: Config, url: str, model: str, question: str, timeout_s: float = 
         raise RaymedError(f"{url}/chat/completions answered {err.code}: {err.read()[:300]!r}") from None
     except OSError as err:
         raise RaymedError(f"no answer from {url}/chat/completions: {err}") from None
-    return reply["choices"][0]["message"]["content"]
+    choice = reply["choices"][0]
+    return choice["message"]["content"], choice["finish_reason"]
 
 
-def ensure_ray() -> None:
-    """Join RAY_ADDRESS's cluster (a job's own), or start a local one; workers' output (the
-    training progress) is forwarded."""
-    import ray
+SENTENCE_END = re.compile(r"""[.!?]["')\]]*(?=\s|$)""")
 
-    if not ray.is_initialized():
-        ray.init(include_dashboard=False, configure_logging=False, log_to_driver=True)
+
+def complete_answer(text: str, finish_reason: str, max_tokens: int) -> str:
+    """The answer as the pipeline shows it: as it is when the model ended its turn; when it
+    was cut at `max_tokens` ("length"), trimmed to its last full sentence, with a note."""
+    if finish_reason != "length":
+        return text
+    ends = [match.end() for match in SENTENCE_END.finditer(text)]
+    limit = f"the answer reached pipeline.max_tokens={max_tokens}"
+    if not ends:
+        return f"{text.rstrip()} … (unfinished: {limit})"
+    return f"{text[:ends[-1]]}\n(trimmed to its last full sentence: {limit})"
 
 
 def _corpus_digest(config: Config) -> str:

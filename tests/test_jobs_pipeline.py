@@ -133,7 +133,7 @@ def test_pipeline_job_runs_resumes_and_reruns_what_changed(head, default_assets,
     assert succeeded, logs[-3000:]
     assert "[pipeline] data: skipped" in logs
     for stage in ("train", "evaluate", "promote"):
-        assert f"[pipeline] {stage}: running" in logs
+        assert f"[pipeline] {stage}: ran in " in logs
         assert records(storage)[stage]["finished"] > first[stage]["finished"]
     assert records(storage)["data"]["finished"] == first["data"]["finished"]
     # v1 was not scored again: neither the evaluate stage nor the gate, which took its cached scores

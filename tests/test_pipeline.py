@@ -14,7 +14,7 @@ import pytest
 
 from raymed.config import load_config
 from raymed.errors import RaymedError
-from raymed.pipeline import Stage, StageFailed, raymed_stages, read_record, run_stages
+from raymed.pipeline import Stage, StageFailed, complete_answer, raymed_stages, read_record, run_stages
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -42,9 +42,9 @@ class Chain:
         out.write_text(json.dumps({"inputs": self.inputs[name], "from": sorted(up)}))
         return {"paths": [str(out)], "value": self.calls[name]}
 
-    def run(self) -> dict:
+    def run(self, log=lambda line: None) -> dict:
         stages = [self.stage("a", ()), self.stage("b", ("a",)), self.stage("c", ("b",))]
-        return run_stages(stages, self.root / "records", log=lambda line: None)
+        return run_stages(stages, self.root / "records", log=log)
 
 
 def statuses(result: dict) -> dict[str, str]:
@@ -58,6 +58,32 @@ def test_rerun_skips_stages_whose_inputs_are_unchanged(tmp_path):
     assert statuses(again) == {"a": "skipped", "b": "skipped", "c": "skipped"}
     assert chain.calls == {"a": 1, "b": 1, "c": 1}
     assert again["c"].outputs["value"] == 1  # a skipped stage hands on its recorded outputs
+
+
+def test_each_stage_logs_one_line_once_it_ran_or_was_skipped(tmp_path):
+    chain, lines = Chain(tmp_path), []
+    chain.run(log=lines.append)
+    chain.inputs["c"] = {"z": 2}
+    chain.run(log=lines.append)
+    assert [line.split(" in ")[0] for line in lines[:3]] == [f"[pipeline] {name}: ran" for name in "abc"]
+    assert lines[3].startswith("[pipeline] a: skipped (up to date") and lines[4].startswith("[pipeline] b: skipped")
+    assert lines[5].startswith("[pipeline] c: ran in ") and lines[5].endswith(
+        " s (inputs changed: its earlier outputs were removed)")
+    assert len(lines) == 6
+
+
+def test_an_answer_the_model_finished_is_shown_as_it_is():
+    assert complete_answer("Fatigue and pallor. See a doctor", "stop", 48) == "Fatigue and pallor. See a doctor"
+
+
+def test_an_answer_cut_at_max_tokens_ends_at_its_last_full_sentence_with_a_note():
+    text = 'Iron carries oxygen. Symptoms include "fatigue!" (and pallor.) Others are shortness of breath,'
+    assert complete_answer(text, "length", 48) == ('Iron carries oxygen. Symptoms include "fatigue!" (and pallor.)\n'
+                                                   "(trimmed to its last full sentence: the answer reached "
+                                                   "pipeline.max_tokens=48)")
+    assert complete_answer("Iron deficiency anemia causes fatigue,", "length", 8) == (
+        "Iron deficiency anemia causes fatigue, … (unfinished: the answer reached pipeline.max_tokens=8)")
+    assert complete_answer("A ratio of 2.5 is high", "length", 8).startswith("A ratio of 2.5 is high …")
 
 
 def test_a_changed_input_reruns_that_stage_and_everything_downstream(tmp_path):

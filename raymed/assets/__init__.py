@@ -14,6 +14,7 @@ from pathlib import Path
 
 from raymed.assets import cache, corpus, models
 from raymed.assets.cache import Asset, default_cache_dir, source_digest
+from raymed.console import say
 from raymed.errors import RaymedError
 
 ASSETS = (
@@ -68,7 +69,7 @@ def build_assets(
             state, manifest = "present", cache.read_manifest(asset, root)
         else:
             if problem not in ("missing", "forced"):
-                print(f"rebuilding {asset.name}: {problem}")
+                say(f"rebuilding {asset.name}: {problem}")
             state, manifest = "built", cache.build(asset, root, seed)
         statuses.append(AssetStatus(asset.name, state, _paths(asset, root), manifest["summary"]))
     return statuses

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from tqdm import tqdm
+from raymed.console import progress
 
 from raymed.errors import RaymedError
 
@@ -84,7 +84,7 @@ def build(asset: Asset, cache: Path, seed: int) -> dict:
     ensure_writable(cache)
     staging = Path(tempfile.mkdtemp(prefix=f"{asset.name}-", dir=_mkdir(cache / STAGING)))
     try:
-        with tqdm(total=asset.progress_total, desc=asset.name, unit=asset.progress_unit) as bar:
+        with progress(asset.name, total=asset.progress_total, unit=asset.progress_unit) as bar:
             summary = asset.build(staging, seed, bar.update)
         _check_outputs(asset, staging)
         files = {rel: _describe_file(staging / rel) for rel in _files_under(asset, staging)}

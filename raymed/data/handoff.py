@@ -29,10 +29,10 @@ HANDOFF_FIELDS = (*BLOCK_FIELDS, "real_tokens")
 
 
 def train_data_config(deterministic: bool) -> DataConfig:
-    """The `dataset_config` for `TorchTrainer`."""
-    if deterministic:
-        return DataConfig(datasets_to_split=[], execution_options=ExecutionOptions(preserve_order=True))
-    return DataConfig(datasets_to_split=["train"])
+    """The `dataset_config` for `TorchTrainer`. Its execution options are given, not left to
+    Ray Train's defaults (which copy the driver's deprecated `exclude_resources` and warn)."""
+    options = ExecutionOptions(preserve_order=deterministic)
+    return DataConfig(datasets_to_split=[] if deterministic else ["train"], execution_options=options)
 
 
 def worker_batches(key: str, micro_batch_size: int, *, deterministic: bool, skip_batches: int = 0) -> Iterator[dict[str, torch.Tensor]]:
@@ -71,7 +71,7 @@ def rank_batches(source, micro_batch_size: int, *, rank: int, world_size: int, d
             continue
         rows = {name: batch[name][lo : lo + micro_batch_size] for name in HANDOFF_FIELDS}
         if len(rows["input_ids"]):
-            yield {name: torch.as_tensor(values) for name, values in rows.items()}
+            yield {name: torch.tensor(values) for name, values in rows.items()}  # a copy: Ray's arrays are read-only
 
 
 def prefetched(batches: Iterator[dict[str, torch.Tensor]], *, pin_memory: bool, depth: int = 2) -> Iterator[dict[str, torch.Tensor]]:

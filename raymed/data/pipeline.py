@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import ray
+from ray.data.expressions import col
 
 from raymed.assets import resolve_corpus, resolve_pretrained
 from raymed.config import Config
@@ -85,7 +86,7 @@ def build_datasets(config: Config) -> tuple[dict[str, ray.data.Dataset], DataSta
         )
     datasets = {}
     for split in ("train", "validation"):
-        kept = examples.filter(expr=f"error == '' and split == '{split}'")
+        kept = examples.filter(expr=(col("error") == "") & (col("split") == split))
         with _ordered_execution():
             blocks = _sorted_in_fixed_groups(kept).map_batches(
                 _pack_batch, fn_kwargs={"block_size": data.block_size, "pad_id": _pad_id(tokenizer_path)},
@@ -208,7 +209,7 @@ def _table_to_records(frame):
 
 
 def _detect(raw: ray.data.Dataset) -> str:
-    sample = [json.loads(r["record"]) for r in raw.filter(expr="error == ''").take(SHAPE_SAMPLE)]
+    sample = [json.loads(r["record"]) for r in raw.filter(expr=col("error") == "").take(SHAPE_SAMPLE)]
     try:
         return detect_shape(r for r in sample if isinstance(r, dict))
     except BadRecord as err:

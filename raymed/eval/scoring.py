@@ -10,9 +10,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
-
 from raymed.config import Config, EvalConfig
+from raymed.console import init_ray, progress
 from raymed.eval.models import load_model
 from raymed.train.metrics import token_metrics, val_metrics
 
@@ -69,7 +68,7 @@ class BlockScorer(_Scorer):
 
     def score(self, label: str, rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         model, _ = self.model(label)
-        tensors = {k: torch.as_tensor(np.asarray(rows[k]), dtype=torch.long).to(self.device)
+        tensors = {k: torch.tensor(rows[k], dtype=torch.long, device=self.device)  # a copy: Ray's arrays are read-only
                    for k in ("input_ids", "labels", "position_ids")}
         with torch.no_grad():
             logits = model(input_ids=tensors["input_ids"], position_ids=tensors["position_ids"]).logits
@@ -82,8 +81,7 @@ def _actor_options(eval_config: EvalConfig) -> tuple[str, dict]:
     """The device actors use and their map_batches resources: one GPU each where the cluster has GPUs."""
     import ray
 
-    if not ray.is_initialized():
-        ray.init(include_dashboard=False, configure_logging=False)
+    init_ray()
     device = eval_config.device
     if device == "auto":
         device = "cuda" if ray.cluster_resources().get("GPU", 0) > 0 else "cpu"
@@ -108,7 +106,7 @@ def score_items(models: dict[str, Path], items: list[dict], eval_config: EvalCon
         batch_size=eval_config.items_per_batch, batch_format="numpy", **options,
     )
     picks = {label: np.full(len(items), -1, dtype=np.int64) for label in models}
-    with tqdm(total=len(rows), desc="multiple choice", unit="item") as bar:
+    with progress("multiple choice", total=len(rows), unit="item") as bar:
         for batch in scored.iter_batches(batch_format="numpy", batch_size=None):
             for label, index, choice in zip(batch["model"], batch["index"], batch["pick"]):
                 picks[str(label)][index] = choice
@@ -130,7 +128,7 @@ def score_blocks(models: dict[str, Path], blocks: dict[str, object], eval_config
         batch_size=eval_config.blocks_per_batch, batch_format="numpy", **options,
     )
     totals = {label: np.zeros(3, dtype=np.float64) for label in models}
-    with tqdm(total=sum(blocks[label].count() for label in models), desc="validation", unit="block") as bar:
+    with progress("validation", total=sum(blocks[label].count() for label in models), unit="block") as bar:
         for batch in scored.iter_batches(batch_format="numpy", batch_size=None):
             for label, *sums in zip(batch["model"], batch["loss_sum"], batch["correct"], batch["count"]):
                 totals[str(label)] += sums

@@ -24,6 +24,7 @@ import numpy as np
 from raymed.assets import cache, corpus
 from raymed.assets.cache import Asset, default_cache_dir, source_digest
 from raymed.config import IndexConfig
+from raymed.console import say
 from raymed.errors import RaymedError
 from raymed.index import passages
 
@@ -188,5 +189,5 @@ def index_stage(config) -> dict:
     from raymed.pipeline import fingerprint
 
     manifest = build_index(config.index)
-    print(f"[pipeline] index {config.index.name}: {manifest['state']} ({manifest['summary']['passages']} passages)")
+    say(f"[pipeline] index {config.index.name}: {manifest['state']} ({manifest['summary']['passages']} passages)")
     return {"index": str(default_cache_dir() / index_rel(config.index.name)), "digest": fingerprint(manifest["files"])}

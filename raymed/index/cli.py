@@ -6,6 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
+from raymed.console import say
+
 
 def add_index_command(commands, add_config_args) -> None:
     """The `index` subcommand group, on the main parser's subcommands."""
@@ -36,15 +38,15 @@ def run_build(args: argparse.Namespace) -> int:
 
     overrides = list(args.overrides) + ([f"index.documents={args.documents}"] if args.documents else [])
     config = load_config(args.config, overrides)
-    _ray_init()
+    _ray_init(config)
     manifest = build_index(config.index, args.cache, force=args.force)
     summary = manifest["summary"]
     took = f" in {manifest['seconds']} s" if "seconds" in manifest else ""
-    print(f"index {config.index.name}: {manifest['state']}{took}; {summary['passages']} passages in "
+    say(f"index {config.index.name}: {manifest['state']}{took}; {summary['passages']} passages in "
           f"{len(summary['shards'])} shards ({', '.join(f'{k} {v}' for k, v in summary['collections'].items())})")
     root = args.cache or _default_cache()
     size = sum(p.stat().st_size for p in (root / index_rel(config.index.name)).rglob("*") if p.is_file())
-    print(f"  {root / index_rel(config.index.name)} ({size / 1e6:.1f} MB)")
+    say(f"  {root / index_rel(config.index.name)} ({size / 1e6:.1f} MB)")
     return 0
 
 
@@ -60,7 +62,7 @@ def run_search(args: argparse.Namespace) -> int:
     except ValueError as err:
         raise RaymedError(f"bad query: {err}") from None
     for hit in hits:
-        print(json.dumps(hit, ensure_ascii=False))
+        say(json.dumps(hit, ensure_ascii=False))
     return 0
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from raymed.config import Config
+from raymed.console import say
 from raymed.eval import (ModelEval, compare, eval_dir, load_items, mcq_metrics, paired_bootstrap, resolve_items_path,
                          resolve_model_dir, score_items)
 from raymed.index import open_index
@@ -84,8 +85,8 @@ def run_grounded_eval(config: Config, model: str, base: str | None, out_dir: Pat
     """`raymed eval --grounded`: print the table, say where the report went."""
     models = {"base": base, "model": model} if base else {"model": model}
     report = evaluate_grounded(config, models, out_dir)
-    print(render(report))
-    print(f"\nwrote {report['written']} and {Path(report['written']).with_name(TABLE_FILE)}")
+    say(render(report))
+    say(f"\nwrote {report['written']} and {Path(report['written']).with_name(TABLE_FILE)}")
     return 0
 
 

@@ -26,18 +26,17 @@ class Deployment:
 
 def deploy(config) -> Deployment:
     """Start Serve if needed and (re)deploy the app for `config.serve`; returns once it is healthy."""
-    import ray
     from ray import serve
 
+    from raymed.console import init_ray, serve_logging
     from raymed.serve.app import api_key, build_application
     from raymed.serve.model_source import served_model
 
     model = served_model(config)  # resolves, checks and pins the model before Ray starts
     application = build_application(config, model=model)
-    if not ray.is_initialized():
-        ray.init(include_dashboard=False, configure_logging=False)
-    serve.start(http_options={"host": config.serve.host, "port": config.serve.port})
-    serve.run(application, name=APP_NAME, route_prefix="/")
+    init_ray()
+    serve.start(http_options={"host": config.serve.host, "port": config.serve.port}, logging_config=serve_logging())
+    serve.run(application, name=APP_NAME, route_prefix="/", logging_config=serve_logging())
     return Deployment(url=base_url(config), model=model.name, version=model.version, auth=bool(api_key(config)))
 
 
