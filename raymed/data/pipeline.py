@@ -65,7 +65,7 @@ def build_datasets(config: Config) -> tuple[dict[str, ray.data.Dataset], DataSta
     elif data.max_validation_records:
         raise RaymedError(f"data.max_validation_records needs a validation file: {train_path} has none "
                           "(set data.validation_path)")
-    shape = data.shape if data.shape != "auto" else _detect(raw)
+    shape = data.shape if data.shape != "auto" else detect_corpus_shape(raw)
     tokenizer_path = resolve_pretrained(config.model.tokenizer or config.model.name)
     examples = raw.map_batches(
         Tokenize,
@@ -207,7 +207,8 @@ def _table_to_records(frame):
     })
 
 
-def _detect(raw: ray.data.Dataset) -> str:
+def detect_corpus_shape(raw: ray.data.Dataset) -> str:
+    """The shape most of the first records read have (`read_records` rows)."""
     sample = [json.loads(r["record"]) for r in raw.filter(expr="error == ''").take(SHAPE_SAMPLE)]
     try:
         return detect_shape(r for r in sample if isinstance(r, dict))
