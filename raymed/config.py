@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
 from raymed.errors import RaymedError
+from raymed.tokenizer.config import TaskToken, check_task_tokens
 
 PRESETS = resources.files("raymed.presets")
 """The YAML presets, shipped inside the package (a wheel or `pip install .` has them)."""
@@ -39,6 +40,11 @@ class ModelConfig(_Section):
     tokenizer: str | None = None
     """A tokenizer in RAYMED_CACHE/tokenizers, a directory or a hub id; default: the model's."""
     attn_implementation: Literal["eager", "sdpa"] = "sdpa"
+    add_tokens: list[TaskToken] = Field(default_factory=list)
+    """Task tokens added to the tokenizer (`<dx>`, or `{content: <dx>, special: true}`); the
+    embedding grows to fit them (docs/tokenizer.md)."""
+
+    _distinct_tokens = field_validator("add_tokens")(check_task_tokens)
 
     @model_validator(mode="after")
     def _scratch_needs_architecture(self) -> ModelConfig:

@@ -27,6 +27,7 @@ from raymed.train.checkpoint import (
 )
 from raymed.train.metrics import labelled_tokens, token_metrics, val_metrics
 from raymed.train.model import apply_scope, build_model, flops_per_token, load_tokenizer, unwrap
+from raymed.tokenizer.task_tokens import optimizer_groups, task_token_ids
 from raymed.train.runlog import RunLog
 from raymed.train.paths import checkpoints_dir, train_dir
 
@@ -52,10 +53,11 @@ class WorkerLoop:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
         self.tokenizer = load_tokenizer(config.model)
-        self.model = prepare_model(apply_scope(build_model(config.model, self.tokenizer), train))
+        new_rows = task_token_ids(self.tokenizer, config.model.add_tokens)
+        self.model = prepare_model(apply_scope(build_model(config.model, self.tokenizer), train, new_rows))
         self.device = ray.train.torch.get_device()
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(self.params, lr=train.lr, weight_decay=train.weight_decay,
+        self.optimizer = torch.optim.AdamW(optimizer_groups(self.params, train.weight_decay), lr=train.lr,
                                            fused=train.use_gpu)
         self.forward = torch.compile(self.model) if train.compile else self.model
         self.autocast = partial(torch.autocast, self.device.type, dtype=torch.bfloat16, enabled=train.bf16)
