@@ -9,7 +9,7 @@
    data stage's labelled ones (the answers and their end-of-turn token, which has no bytes);
    their bytes are summed from each token's byte string.
 
-    python bench/tokenizer.py [--vocab 16000 32000] [--steps 150]     # prints one JSON object
+    python bench/tokenizer.py [--vocab 16000 32000] [--steps 60] [--micro-batch 4]     # prints one JSON object
 """
 
 from __future__ import annotations
@@ -75,12 +75,12 @@ def scored_tokens_and_bytes(validation, tokenizer) -> tuple[int, int]:
     return count, size
 
 
-def train_and_score(name: str, tokenizer_ref: str, work: Path, steps: int, block_size: int) -> dict:
+def train_and_score(name: str, tokenizer_ref: str, work: Path, steps: int, block_size: int, micro_batch: int) -> dict:
     config = load_config("ci-tiny", [
         f"model.tokenizer={tokenizer_ref}", "data.train_path=medical-v1", f"data.block_size={block_size}",
         "data.deterministic=true", f"storage_path={work / 'runs'}", f"run_name=bench-{name}",
-        "train.num_workers=1", f"train.max_steps={steps}", f"train.eval_every={steps}", "train.micro_batch_size=8",
-        "train.warmup_steps=10", "train.keep_checkpoints=1"])
+        "train.num_workers=1", f"train.max_steps={steps}", f"train.eval_every={steps}",
+        f"train.micro_batch_size={micro_batch}", f"train.warmup_steps={max(1, steps // 10)}", "train.keep_checkpoints=1"])
     datasets, stats = build_datasets(config)
     started = time.perf_counter()
     result = fit(config, datasets)
@@ -99,8 +99,9 @@ def train_and_score(name: str, tokenizer_ref: str, work: Path, steps: int, block
 def main() -> dict:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--vocab", type=int, nargs="+", default=[16000, 32000])
-    parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--block-size", type=int, default=128)
+    parser.add_argument("--micro-batch", type=int, default=4)
     args = parser.parse_args()
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     train_path, validation_path = resolve_corpus("medical-v1", None)
@@ -114,7 +115,7 @@ def main() -> dict:
             training[f"medical-bpe-{vocab}"] = {k: summary[k] for k in ("vocab_size", "records", "seconds")}
         density = {name: tokens_per_char(AutoTokenizer.from_pretrained(resolve_pretrained(ref)), validation)
                    for name, ref in tokenizers.items()}
-        models = {name: train_and_score(name, ref, work, args.steps, args.block_size)
+        models = {name: train_and_score(name, ref, work, args.steps, args.block_size, args.micro_batch)
                   for name, ref in tokenizers.items()}
     ray.shutdown()
     return {
@@ -124,7 +125,7 @@ def main() -> dict:
         "tokenizer_training": training,
         "tokens_per_char": density,
         "scratch_model": {"architecture": "ci-tiny (llama, hidden 64, 2 layers)", "steps": args.steps,
-                          "block_size": args.block_size, "micro_batch_size": 8, "results": models},
+                          "block_size": args.block_size, "micro_batch_size": args.micro_batch, "results": models},
     }
 
 

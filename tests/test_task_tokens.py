@@ -3,17 +3,17 @@ train in every scope, and checkpoints that load with the tokens in place."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from raymed.config import ModelConfig, TrainConfig, load_config
 from raymed.errors import RaymedError
-from raymed.tokenizer.task_tokens import load_run_tokenizer, task_token_ids
+from raymed.tokenizer.task_tokens import load_run_tokenizer, optimizer_groups, task_token_ids
 from raymed.tokenizer.train import train_bpe
-from raymed.train import apply_scope, build_model, load_checkpoint_model, save_checkpoint_model
-from raymed.train.model import check_model_fits
-from raymed.tokenizer.task_tokens import optimizer_groups
+from raymed.train import apply_scope, build_model, check_model_fits, load_checkpoint_model, save_checkpoint_model
 
 TASK_TOKENS = ["<dx>", {"content": "<|tool|>", "special": True}]
 SAMPLE = "fever and cough <dx> pneumonia <|tool|> chest x-ray"
@@ -102,8 +102,6 @@ def _embedding(model):
     from peft import PeftModel
 
     if isinstance(model, PeftModel):
-        import copy
-
         model = copy.deepcopy(model).merge_and_unload()
     return model.get_input_embeddings().weight.detach()
 

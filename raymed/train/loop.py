@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from raymed.config import Config
 from raymed.errors import RaymedError
+from raymed.tokenizer.task_tokens import optimizer_groups, task_token_ids
 from raymed.train.checkpoint import (
     STATE_FILE,
     load_checkpoint_model,
@@ -27,7 +28,6 @@ from raymed.train.checkpoint import (
 )
 from raymed.train.metrics import labelled_tokens, token_metrics, val_metrics
 from raymed.train.model import apply_scope, build_model, flops_per_token, load_tokenizer, unwrap
-from raymed.tokenizer.task_tokens import optimizer_groups, task_token_ids
 from raymed.train.runlog import RunLog
 from raymed.train.paths import checkpoints_dir, train_dir
 

@@ -85,22 +85,22 @@ def check_model_fits(config: Config) -> None:
         raise RaymedError(f"data.block_size {config.data.block_size} exceeds the model's context of {context} tokens")
 
 
-def apply_scope(model, train: TrainConfig, task_token_ids: list[int] = ()):
+def apply_scope(model, train: TrainConfig, new_token_ids: list[int] = ()):
     """The model with only what `train.scope` trains left trainable: everything (`full`),
     the last N blocks and an untied output head (`top_layers`), or LoRA adapters on every
-    linear layer (`lora`, returned wrapped by peft). The rows of `task_token_ids` (added
+    linear layer (`lora`, returned wrapped by peft). The rows of `new_token_ids` (task
     tokens) train in every scope (raymed.tokenizer.task_tokens says how)."""
     if train.scope == "lora":
         from peft import LoraConfig, get_peft_model
 
-        new_rows = {"trainable_token_indices": lora_token_indices(model, task_token_ids)} if task_token_ids else {}
+        new_rows = {"trainable_token_indices": lora_token_indices(model, new_token_ids)} if new_token_ids else {}
         lora = LoraConfig(r=train.lora_r, lora_alpha=train.lora_alpha, lora_dropout=0.0,
                           target_modules="all-linear", task_type="CAUSAL_LM", **new_rows)
         return get_peft_model(model, lora)
     if train.scope == "top_layers":
         train_top_layers(model, train.top_layers)
-        if task_token_ids:
-            train_new_rows_only(model, task_token_ids)
+        if new_token_ids:
+            train_new_rows_only(model, new_token_ids)
     return model
 
 
