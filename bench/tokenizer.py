@@ -9,7 +9,7 @@
    data stage's labelled ones (the answers and their end-of-turn token, which has no bytes);
    their bytes are summed from each token's byte string.
 
-    python bench/tokenizer.py [--vocab 16000 32000] [--steps 60] [--micro-batch 4]     # prints one JSON object
+    python bench/tokenizer.py [--vocab 16000 32000] [--steps 200] [--micro-batch 2]     # prints one JSON object
 """
 
 from __future__ import annotations
@@ -99,9 +99,9 @@ def train_and_score(name: str, tokenizer_ref: str, work: Path, steps: int, block
 def main() -> dict:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--vocab", type=int, nargs="+", default=[16000, 32000])
-    parser.add_argument("--steps", type=int, default=60)
-    parser.add_argument("--block-size", type=int, default=128)
-    parser.add_argument("--micro-batch", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--block-size", type=int, default=256)
+    parser.add_argument("--micro-batch", type=int, default=2)
     args = parser.parse_args()
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     train_path, validation_path = resolve_corpus("medical-v1", None)
