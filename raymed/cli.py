@@ -99,6 +99,9 @@ def _parser() -> argparse.ArgumentParser:
     from raymed.index.cli import add_index_command  # the knowledge index (issue 22)
 
     add_index_command(commands, _add_config_args)
+    from raymed.tokenizer.cli import add_tokenizer_command  # tokenizers trained on a corpus (issue 21)
+
+    add_tokenizer_command(commands, _add_config_args)
 
     evaluate = commands.add_parser(
         "eval",

@@ -17,6 +17,7 @@ from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validat
 
 from raymed.config_section import Section as _Section
 from raymed.errors import RaymedError
+from raymed.tokenizer.config import TaskToken, check_task_tokens
 from raymed.train_config import TrainConfig
 
 PRESETS = resources.files("raymed.presets")
@@ -37,6 +38,11 @@ class ModelConfig(_Section):
     tokenizer: str | None = None
     """A tokenizer in RAYMED_CACHE/tokenizers, a directory or a hub id; default: the model's."""
     attn_implementation: Literal["eager", "sdpa"] = "sdpa"
+    add_tokens: list[TaskToken] = Field(default_factory=list)
+    """Task tokens added to the tokenizer (`<dx>`, or `{content: <dx>, special: true}`); the
+    embedding grows to fit them (docs/tokenizer.md)."""
+
+    _distinct_tokens = field_validator("add_tokens")(check_task_tokens)
 
     @model_validator(mode="after")
     def _scratch_needs_architecture(self) -> ModelConfig:

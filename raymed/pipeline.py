@@ -177,6 +177,12 @@ def run_pipeline(config: Config, log: Callable[[str], None] = say) -> PipelineRe
     return result
 
 
+def _task_tokens(config: Config) -> dict:
+    """The data stage's dependence on `model.add_tokens` (none when there are none, so runs
+    without task tokens keep their stage fingerprints)."""
+    return {"add_tokens": config.model.model_dump()["add_tokens"]} if config.model.add_tokens else {}
+
+
 def raymed_stages(config: Config, log: Callable[[str], None]) -> list[Stage]:
     """The pipeline's stages for `config`, each with the config fields it depends on."""
     c = config
@@ -187,7 +193,7 @@ def raymed_stages(config: Config, log: Callable[[str], None]) -> list[Stage]:
         Stage("index", lambda up: index_stage(c), inputs=None, upstream=("assets",)),  # the knowledge index
         Stage("data", lambda up: data_stage(c), upstream=("assets",), clear=lambda: _remove(data_dir(c)),
               inputs=lambda: {"data": c.data.model_dump(), "tokenizer": c.model.tokenizer or c.model.name,
-                              "seed": c.seed, "corpus": _corpus_digest(c)}),
+                              "seed": c.seed, "corpus": _corpus_digest(c), **_task_tokens(c)}),
         Stage("train", lambda up: train_stage(c), upstream=("data",), clear=lambda: _remove_training(c),
               inputs=lambda: training),
         Stage("evaluate", lambda up: evaluate_stage(c, up["train"]), upstream=("train",),

@@ -187,6 +187,7 @@ def test_each_raymed_stage_depends_on_its_own_config_fields(tmp_path):
         "data.block_size=64": {"data", "evaluate"},
         "eval.max_items=5": {"evaluate", "promote"},
         "pipeline.tune=true": {"train"},
+        "model.add_tokens=[<dx>]": {"data", "train"},  # task tokens change the ids the data stage writes
         "serve.port=9000": set(),  # deploy and ask run every time anyway
         "pipeline.question=What is asthma?": set(),
     }

@@ -24,7 +24,7 @@ import ray
 from ray.data.expressions import col
 
 from raymed.assets import resolve_corpus, resolve_pretrained
-from raymed.config import Config
+from raymed.config import Config, ModelConfig
 from raymed.data.pack import pack
 from raymed.data.records import BadRecord, detect_shape, render, to_messages, tokenize
 from raymed.errors import RaymedError
@@ -66,12 +66,15 @@ def build_datasets(config: Config) -> tuple[dict[str, ray.data.Dataset], DataSta
     elif data.max_validation_records:
         raise RaymedError(f"data.max_validation_records needs a validation file: {train_path} has none "
                           "(set data.validation_path)")
-    shape = data.shape if data.shape != "auto" else _detect(raw)
-    tokenizer_path = resolve_pretrained(config.model.tokenizer or config.model.name)
+    shape = data.shape if data.shape != "auto" else detect_corpus_shape(raw)
+    # Resolved here, once: the actors get a path, and a bad tokenizer or task token fails here.
+    model_config = {**config.model.model_dump(),
+                    "tokenizer": resolve_pretrained(config.model.tokenizer or config.model.name)}
+    pad_id = _pad_id(model_config)
     examples = raw.map_batches(
         Tokenize,
         fn_constructor_kwargs={
-            "tokenizer_path": tokenizer_path, "shape": shape, "block_size": data.block_size,
+            "model_config": model_config, "shape": shape, "block_size": data.block_size,
             "seed": config.seed, "val_fraction": 0.0 if validation_path else data.val_fraction,
         },
         batch_format="pyarrow",
@@ -89,7 +92,7 @@ def build_datasets(config: Config) -> tuple[dict[str, ray.data.Dataset], DataSta
         kept = examples.filter(expr=(col("error") == "") & (col("split") == split))
         with _ordered_execution():
             blocks = _sorted_in_fixed_groups(kept).map_batches(
-                _pack_batch, fn_kwargs={"block_size": data.block_size, "pad_id": _pad_id(tokenizer_path)},
+                _pack_batch, fn_kwargs={"block_size": data.block_size, "pad_id": pad_id},
                 batch_format="pyarrow", batch_size=None,
             ).materialize()
         datasets[split] = blocks
@@ -208,7 +211,8 @@ def _table_to_records(frame):
     })
 
 
-def _detect(raw: ray.data.Dataset) -> str:
+def detect_corpus_shape(raw: ray.data.Dataset) -> str:
+    """The shape most of the first records read have (`read_records` rows)."""
     sample = [json.loads(r["record"]) for r in raw.filter(expr=col("error") == "").take(SHAPE_SAMPLE)]
     try:
         return detect_shape(r for r in sample if isinstance(r, dict))
@@ -219,10 +223,8 @@ def _detect(raw: ray.data.Dataset) -> str:
 class Tokenize:
     """Ray Data actor: loads the tokenizer once, turns records into masked token ids."""
 
-    def __init__(self, tokenizer_path: str, shape: str, block_size: int, seed: int, val_fraction: float):
-        from transformers import AutoTokenizer
-
-        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+    def __init__(self, model_config: dict, shape: str, block_size: int, seed: int, val_fraction: float):
+        self.tokenizer = _run_tokenizer(model_config)
         self.shape, self.block_size = shape, block_size
         self.seed, self.val_fraction = seed, val_fraction
 
@@ -280,8 +282,13 @@ def _reasons(bad: dict[str, int]) -> str:
     return ", ".join(f"{reason}: {n}" for reason, n in bad.items())
 
 
-def _pad_id(tokenizer_path: str) -> int:
-    from transformers import AutoTokenizer
+def _run_tokenizer(model_config: dict):
+    """The model's tokenizer with its task tokens (`model.add_tokens`), as training loads it."""
+    from raymed.tokenizer.task_tokens import load_run_tokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+    return load_run_tokenizer(ModelConfig.model_validate(model_config))
+
+
+def _pad_id(model_config: dict) -> int:
+    tokenizer = _run_tokenizer(model_config)
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

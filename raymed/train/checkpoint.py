@@ -31,11 +31,12 @@ COMPLETE_FILE = "raymed_complete.json"
 
 def save_checkpoint_model(model, tokenizer, out: Path) -> None:
     """A directory `from_pretrained` loads as it is; for LoRA the merged weights, with the
-    adapter alone beside them in `adapter/`."""
+    adapter alone beside them in `adapter/` (what trains only: not the embedding that task
+    tokens resized, which resume rebuilds and the merged weights hold)."""
     from peft import PeftModel
 
     if isinstance(model, PeftModel):
-        model.save_pretrained(out / ADAPTER_DIR)
+        model.save_pretrained(out / ADAPTER_DIR, save_embedding_layers=False)
         model = copy.deepcopy(model).merge_and_unload()
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)

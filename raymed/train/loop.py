@@ -18,6 +18,7 @@ from tqdm import tqdm
 from raymed.config import Config
 from raymed.data.records import IGNORE_INDEX
 from raymed.errors import RaymedError
+from raymed.tokenizer.task_tokens import optimizer_groups, task_token_ids
 from raymed.train.checkpoint import (
     STATE_FILE,
     file_entries,
@@ -74,9 +75,10 @@ class WorkerLoop:
         self.device = ray.train.torch.get_device()
         self.fsdp = train.strategy == "fsdp"
         self.tokenizer = load_tokenizer(config.model)
-        self.model = self._distribute(apply_scope(build_model(config.model, self.tokenizer), train))
+        new_rows = task_token_ids(self.tokenizer, config.model.add_tokens)
+        self.model = self._distribute(apply_scope(build_model(config.model, self.tokenizer), train, new_rows))
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(self.params, lr=train.lr, weight_decay=train.weight_decay,
+        self.optimizer = torch.optim.AdamW(optimizer_groups(self.params, train.weight_decay), lr=train.lr,
                                            fused=train.use_gpu)  # after sharding: over the shards
         self.forward = torch.compile(self.model) if train.compile and not self.fsdp else self.model
         self.autocast = partial(torch.autocast, self.device.type, dtype=torch.bfloat16, enabled=train.bf16)

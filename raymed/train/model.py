@@ -8,6 +8,13 @@ import torch
 from raymed.assets import resolve_pretrained
 from raymed.config import Config, ModelConfig, TrainConfig
 from raymed.errors import RaymedError
+from raymed.tokenizer.task_tokens import (
+    fit_embeddings,
+    load_run_tokenizer,
+    lora_token_indices,
+    task_token_ids,
+    train_new_rows_only,
+)
 
 
 def build_model(model_config: ModelConfig, tokenizer):
@@ -19,30 +26,38 @@ def build_model(model_config: ModelConfig, tokenizer):
         return AutoModelForCausalLM.from_config(scratch_config(model_config, tokenizer), attn_implementation=attn)
     path = resolve_pretrained(model_config.name)
     try:
-        return AutoModelForCausalLM.from_pretrained(path, attn_implementation=attn, dtype=torch.float32,
-                                                    use_safetensors=True)
+        model = AutoModelForCausalLM.from_pretrained(path, attn_implementation=attn, dtype=torch.float32,
+                                                     use_safetensors=True)
     except (OSError, ValueError) as err:
         raise RaymedError(f"{model_config.name} is not a causal LM that transformers can load: {err}") from None
+    fit_embeddings(model, tokenizer, task_token_ids(tokenizer, model_config.add_tokens))
+    return model
 
 
 def load_tokenizer(model_config: ModelConfig):
-    """The tokenizer the model trains with (its own unless `model.tokenizer` names another)."""
-    from transformers import AutoTokenizer
-
-    name = model_config.tokenizer or model_config.name
-    try:
-        return AutoTokenizer.from_pretrained(resolve_pretrained(name))
-    except (OSError, ValueError) as err:
-        raise RaymedError(f"{name} is not a tokenizer transformers can load: {err}") from None
+    """The tokenizer the model trains with (its own unless `model.tokenizer` names another),
+    with `model.add_tokens` added."""
+    return load_run_tokenizer(model_config)
 
 
 def scratch_config(model_config: ModelConfig, tokenizer):
-    """The architecture's config, its vocabulary padded to a multiple of 64 (faster matmuls)."""
+    """The architecture's config, its vocabulary padded to a multiple of 64 (faster matmuls)
+    and its special ids the tokenizer's (`architecture` may still set them)."""
     from transformers import AutoConfig
 
     arch = dict(model_config.architecture)
     vocab = -(-len(tokenizer) // 64) * 64
-    return AutoConfig.for_model(arch.pop("model_type"), vocab_size=vocab, **arch)
+    return AutoConfig.for_model(arch.pop("model_type"), vocab_size=vocab, **special_token_ids(tokenizer) | arch)
+
+
+def special_token_ids(tokenizer) -> dict[str, int]:
+    """bos/eos ids of `tokenizer`, and pad's when it is a token of its own. (A pad shared with
+    eos is left out: Llama-style models zero the pad row and never train it, which would
+    leave the end of every answer unlearnable.)"""
+    ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id}
+    if tokenizer.pad_token_id is not None and tokenizer.pad_token_id != tokenizer.eos_token_id:
+        ids["pad_token_id"] = tokenizer.pad_token_id
+    return {name: value for name, value in ids.items() if value is not None}
 
 
 def check_model_fits(config: Config) -> None:
@@ -59,9 +74,10 @@ def check_model_fits(config: Config) -> None:
         except (OSError, ValueError) as err:
             raise RaymedError(f"{config.model.name} is not a model transformers can load: {err}") from None
     text_config = model_config.get_text_config()
-    if len(tokenizer) > text_config.vocab_size:
+    own_tokens = len(tokenizer) - len(config.model.add_tokens)  # task tokens get rows of their own
+    if own_tokens > text_config.vocab_size:
         raise RaymedError(
-            f"the tokenizer has {len(tokenizer)} tokens but the model's embedding has {text_config.vocab_size} rows: "
+            f"the tokenizer has {own_tokens} tokens but the model's embedding has {text_config.vocab_size} rows: "
             "use the model's own tokenizer (model.tokenizer) or a model built for this one"
         )
     context = getattr(text_config, "max_position_embeddings", None) or getattr(text_config, "n_positions", None)
@@ -69,18 +85,22 @@ def check_model_fits(config: Config) -> None:
         raise RaymedError(f"data.block_size {config.data.block_size} exceeds the model's context of {context} tokens")
 
 
-def apply_scope(model, train: TrainConfig):
+def apply_scope(model, train: TrainConfig, new_token_ids: list[int] = ()):
     """The model with only what `train.scope` trains left trainable: everything (`full`),
     the last N blocks and an untied output head (`top_layers`), or LoRA adapters on every
-    linear layer (`lora`, returned wrapped by peft)."""
+    linear layer (`lora`, returned wrapped by peft). The rows of `new_token_ids` (task
+    tokens) train in every scope (raymed.tokenizer.task_tokens says how)."""
     if train.scope == "lora":
         from peft import LoraConfig, get_peft_model
 
+        new_rows = {"trainable_token_indices": lora_token_indices(model, new_token_ids)} if new_token_ids else {}
         lora = LoraConfig(r=train.lora_r, lora_alpha=train.lora_alpha, lora_dropout=0.0,
-                          target_modules="all-linear", task_type="CAUSAL_LM")
+                          target_modules="all-linear", task_type="CAUSAL_LM", **new_rows)
         return get_peft_model(model, lora)
     if train.scope == "top_layers":
         train_top_layers(model, train.top_layers)
+        if new_token_ids:
+            train_new_rows_only(model, new_token_ids)
     return model
 
 
