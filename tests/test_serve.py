@@ -313,7 +313,7 @@ def test_the_load_benchmark_measures_the_endpoint(url):
     assert all(200 <= len(p) <= 400 for p in prompts)
     for stream in (True, False):
         args = argparse.Namespace(url=url, api_key=None, max_tokens=4, warmup=1, stream=stream, temperature=0.7,
-                                  top_p=0.9, logprobs=2, penalties=0.5)
+                                  top_p=0.9, logprobs=2, penalties=0.5, grounding=None)
         level = asyncio.run(bench.run_level(args, MODEL, prompts, concurrency=2))
         assert (level["ok"], level["errors"]) == (4, {})
         assert level["generated_tokens"] == 16 and level["generated_tokens_per_s"] > 0
@@ -334,3 +334,8 @@ def test_the_load_benchmark_compares_each_variant_with_the_greedy_level_before_i
     args = bench._parser().parse_args(["--temperature", "0.7", "--top-p", "0.9", "--logprobs", "5", "--penalties", "0.5"])
     assert bench.sampling_fields(args) == {"temperature": 0.7, "top_p": 0.9, "logprobs": True, "top_logprobs": 5,
                                            "frequency_penalty": 0.5}
+    assert bench.sampling_fields(bench._parser().parse_args(["--grounding", "false"])) == {
+        "temperature": 0, "grounding": False}
+    latency = [{"variant": v, "concurrency": 16, "e2e_s": {"p50": e}, "ttft_s": {"p50": t}}
+               for v, e, t in (("ungrounded", 10.0, 2.0), ("grounded", 30.0, 14.0))]
+    assert bench.grounded_vs_ungrounded(latency) == {"16": {"e2e_s": 3.0, "ttft_s": 7.0}}
