@@ -34,7 +34,7 @@ def run_train(args: argparse.Namespace) -> int:
 
     config = load_config(args.config, args.overrides)
     corpus, _ = resolve_corpus(args.data or config.data.train_path, None)
-    _ray_init()
+    _ray_init(config)
     summary = train_tokenizer(corpus, args.out, args.vocab_size, shape=config.data.shape, force=args.force)
     print(json.dumps(summary, indent=1))
     print(f"tokenizer written to {args.out}: use it with --set model.tokenizer={args.out}")

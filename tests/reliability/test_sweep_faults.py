@@ -27,7 +27,7 @@ def test_an_interrupted_sweep_resumes_without_rerunning_finished_trials(ray_clus
                  "train.max_steps=4", "train.eval_every=2", "train.warmup_steps=0",
                  "tune.space={train.lr: {grid: [3.0e-3, 1.0e-3]}}", "tune.scheduler=none",
                  "tune.num_samples=1", "tune.max_concurrent_trials=1"]
-    command = [sys.executable, "-m", "raymed", "tune", "--config", "ci-tiny",
+    command = [sys.executable, "-m", "raymed", "-v", "tune", "--config", "ci-tiny",  # -v: Tune's own output
                *(arg for o in overrides for arg in ("--set", o))]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_ADDRESS": ""}
     driver = subprocess.Popen(command, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
