@@ -174,7 +174,7 @@ class EvalConfig(_Section):
     """`auto`: one GPU per actor when the cluster has GPUs, else CPU."""
     cpus_per_actor: float = Field(1, gt=0)
     items_per_batch: int = Field(8, ge=1)
-    """Multiple-choice items per inference batch (each item is one padded forward)."""
+    """Multiple-choice items per inference batch (each item: one forward of its prompt, one of its options)."""
     blocks_per_batch: int = Field(8, ge=1)
     """Validation blocks per inference batch."""
     gate_metric: Literal["val_loss", "mcq_acc"] = "val_loss"

@@ -13,28 +13,13 @@ import torch
 
 def option_logprobs(model, tokenizer, question: str, options: list[str], system: str = "") -> list[float]:
     """Summed log-likelihood of each option's tokens as the assistant's answer to `question`
-    (after the system message `system`, if any), all options scored in one padded forward pass."""
+    (after the system message `system`, if any). The prompt runs once and its key/value
+    cache is repeated for every option, so the options' forward pass covers only their own
+    tokens (on the default items the prompt is about 47 tokens and an option about 9)."""
+    from raymed.serve.slots import cache_argument
+
     prompt_ids = _prompt_ids(tokenizer, question, system)
     option_ids = [tokenizer(o.strip(), add_special_tokens=False).input_ids for o in options]
-    if system:  # a long shared prompt (the grounded eval's passages): run it once, not once per option
-        return _logprobs_after_shared_prompt(model, prompt_ids, option_ids)
-    rows = [prompt_ids + ids for ids in option_ids]
-    width = max(len(r) for r in rows)
-    input_ids = torch.tensor([r + [0] * (width - len(r)) for r in rows])
-    attention = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
-    with torch.no_grad():
-        logits = model(input_ids=input_ids.to(model.device), attention_mask=attention.to(model.device)).logits.float().cpu()
-    logprobs = torch.log_softmax(logits[:, :-1], dim=-1)
-    start = len(prompt_ids) - 1  # the logit at position t predicts token t + 1
-    return [
-        logprobs[row, start : start + len(ids)].gather(1, torch.tensor(ids)[:, None]).sum().item()
-        for row, ids in enumerate(option_ids)
-    ]
-
-
-def _logprobs_after_shared_prompt(model, prompt_ids: list[int], option_ids: list[list[int]]) -> list[float]:
-    """The same sums as the padded pass, with the prompt's key/value cache computed once and
-    repeated for every option."""
     with torch.no_grad():
         prompt = model(input_ids=torch.tensor([prompt_ids], device=model.device), use_cache=True)
         cache = prompt.past_key_values
@@ -43,9 +28,9 @@ def _logprobs_after_shared_prompt(model, prompt_ids: list[int], option_ids: list
         input_ids = torch.tensor([ids + [0] * (width - len(ids)) for ids in option_ids], device=model.device)
         attention = torch.tensor([[1] * (len(prompt_ids) + len(ids)) + [0] * (width - len(ids)) for ids in option_ids],
                                  device=model.device)
-        logits = model(input_ids=input_ids, attention_mask=attention, past_key_values=cache).logits.float().cpu()
+        logits = model(input_ids=input_ids, attention_mask=attention, **{cache_argument(model): cache}).logits
     first = torch.log_softmax(prompt.logits[0, -1].float().cpu(), dim=-1)  # predicts each option's first token
-    rest = torch.log_softmax(logits[:, :-1], dim=-1)
+    rest = torch.log_softmax(logits[:, :-1].float().cpu(), dim=-1)
     return [first[ids[0]].item() + rest[row, : len(ids) - 1].gather(1, torch.tensor(ids[1:])[:, None]).sum().item()
             for row, ids in enumerate(option_ids)]
 

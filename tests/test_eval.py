@@ -75,6 +75,22 @@ def test_scorer_picks_the_answer_a_model_has_learned(tiny_model):
         assert pick(ORGANS, logprobs) == answer, (question, logprobs)
 
 
+def test_option_logprobs_equal_each_option_scored_in_its_own_forward(tiny_model):
+    """The prompt's cache repeated for every option gives the sums a separate, uncached
+    forward of prompt + option gives (options of different token lengths, so padding too)."""
+    tokenizer, model = tiny_model.tokenizer, tiny_model(seed=1).eval()
+    question, options = "Which organ filters blood?", ["kidney", "the liver, mostly", "lung", "a heart"]
+    prompt = tokenizer(tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
+                                                     add_generation_prompt=True), add_special_tokens=False).input_ids
+    expected = []
+    for option in options:
+        ids = tokenizer(option, add_special_tokens=False).input_ids
+        with torch.no_grad():
+            logprobs = torch.log_softmax(model(input_ids=torch.tensor([prompt + ids])).logits[0].float(), dim=-1)
+        expected.append(sum(logprobs[len(prompt) - 1 + t, token].item() for t, token in enumerate(ids)))
+    assert option_logprobs(model, tokenizer, question, options) == pytest.approx(expected, abs=1e-4)
+
+
 def test_mcq_metrics_match_a_hand_computed_example():
     items = [_item(split="heldout", source="hpo"), _item(split="heldout", source="drugs"),
              _item(split="reworded", source="hpo"), _item(split="reworded", source="hpo"),
