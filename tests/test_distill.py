@@ -70,10 +70,26 @@ def test_the_layer_student_equals_a_hand_built_copy(tied):
         extract_layers(teacher, [0, 4])
 
 
-def _teacher_dir(tiny_model, directory: Path, layers: int = 2, **extra) -> Path:
-    """A tiny Llama teacher with the default tokenizer's vocabulary, saved as a Hugging Face directory."""
-    vocab = -(-len(tiny_model.tokenizer) // 64) * 64
-    return tiny_model.save(_llama(layers, vocab=vocab, **extra), directory)
+def _teacher_dir(tiny_model, directory: Path) -> Path:
+    """A tiny 2-layer Llama teacher (random weights, the default tokenizer's vocabulary), saved."""
+    return tiny_model.save(_llama(2, vocab=-(-len(tiny_model.tokenizer) // 64) * 64), directory)
+
+
+def _trained_teacher_dir(tiny_model, directory: Path, steps: int = 30) -> Path:
+    """A 4-layer tiny Llama trained (in this process) on the signs corpus's conversations: a
+    teacher that knows the data, so that its distributions and the labels agree."""
+    tokenizer = tiny_model.tokenizer
+    texts = [tokenizer.apply_chat_template([{"role": "user", "content": f"What is sign {i}?"},
+                                            {"role": "assistant", "content": f"Sign {i} suggests infection."}],
+                                           tokenize=False) for i in range(80)]
+    teacher = _llama(4, vocab=-(-len(tokenizer) // 64) * 64).train()
+    optimizer = torch.optim.AdamW(teacher.parameters(), lr=1e-2)
+    for step in range(steps):
+        batch = tokenizer(texts[(step * 8) % 80:(step * 8) % 80 + 8], return_tensors="pt", padding=True)
+        teacher(**batch, labels=batch.input_ids.masked_fill(batch.attention_mask == 0, -100)).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return tiny_model.save(teacher.eval(), directory)
 
 
 def test_a_student_with_another_tokenizer_is_refused(tiny_model, tmp_path):
@@ -130,7 +146,7 @@ def test_alpha_zero_matches_fine_tuning_and_an_equal_teacher_starts_at_zero_kd(r
 @pytest.mark.slow
 def test_half_the_layers_distilled_under_fsdp_lower_kd_and_promote_a_loadable_student(ray_cluster, tiny_model,
                                                                                        tmp_path):
-    teacher = _teacher_dir(tiny_model, tmp_path / "teacher", layers=4, initializer_range=0.2)
+    teacher = _trained_teacher_dir(tiny_model, tmp_path / "teacher")
     config = load_config("ci-tiny", [*_run_args(tmp_path, signs_corpus(tmp_path), "half"), "train.max_steps=8",
                                      "model.init=pretrained", "model.architecture={}", "model.tokenizer=null",
                                      f"distill.teacher={teacher}", "distill.student_layers=[0,2]",
@@ -140,7 +156,7 @@ def test_half_the_layers_distilled_under_fsdp_lower_kd_and_promote_a_loadable_st
     assert done.result.error is None and done.result.metrics["step"] == 8
     steps = _logged(done.config)
     assert [s["step"] for s in steps] == list(range(1, 9))
-    assert steps[-1]["kd_loss"] < 0.8 * steps[0]["kd_loss"]
+    assert steps[-1]["kd_loss"] < 0.5 * steps[0]["kd_loss"]
     for s in steps:
         mixed = 0.5 * s["ce_loss"] + 0.5 * s["kd_loss"]
         assert s["train_loss"] == pytest.approx(mixed, rel=1e-5) and math.isfinite(s["tokens_per_s"])
