@@ -30,12 +30,12 @@ import serve_load  # noqa: E402  (bench/serve_load.py: the load client)
 
 def main() -> None:
     args = _parser().parse_args()
-    from raymed.console import init_ray
+    import ray
 
     started, report = time.perf_counter(), {"machine": serve_load.machine(), "load_avg_at_start": _load()}
     with tempfile.TemporaryDirectory(prefix="raymed-bench-distill-") as scratch:
         config = bench_config(Path(scratch), args)
-        init_ray()
+        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)  # 4 logical on 2 cores: Ray Data beside a worker
         models, report["training"] = train_both(config, args)
         report["eval"] = evaluate(models["config"], {k: v for k, v in models.items() if k != "config"})
         report["serving"] = serve_both(models["config"], {"teacher": models["teacher"],

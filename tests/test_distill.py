@@ -100,8 +100,8 @@ def test_a_student_with_another_tokenizer_is_refused(tiny_model, tmp_path):
         prepare_run(load_config("ci-tiny", [*common, "model.tokenizer=gpt2"]))
     with pytest.raises(RaymedError, match="model.add_tokens adds tokens the teacher has no distribution over"):
         prepare_run(load_config("ci-tiny", [*common, "model.add_tokens=['<dx>']"]))
-    with pytest.raises(RaymedError, match="distill.student_layers takes the student from the teacher's layers"):
-        prepare_run(load_config("ci-tiny", [*common, "distill.student_layers=[0]"]))
+    with pytest.raises(RaymedError, match=r"names layer 2, but the teacher has 2 decoder layers \(0-1\)"):
+        prepare_run(load_config("ci-tiny", [*common, "distill.student_layers=[0,2]"]))
     for bad, message in [("distill.alpha=1.5", "distill.alpha: Input should be less than or equal to 1"),
                          ("distill.temperature=0", "distill.temperature: Input should be greater than 0"),
                          ("distill.student_layers=[]", "distill.student_layers: give increasing")]:

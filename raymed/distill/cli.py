@@ -36,5 +36,5 @@ def run_distill(args: argparse.Namespace) -> int:
     if done.promotion:
         say(describe(done.promotion))
         say(f"{done.config.registry.name} current: {done.promotion.current}; report: {done.promotion.report_path}")
-        say(serve_hint(done.config))
+        say(serve_hint(done.config, done.promotion.current))
     return 0

@@ -6,20 +6,26 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from raymed.config import Config
 from raymed.distill.loop import distill_loop_per_worker
 from raymed.distill.student import prepare_run
+
+if TYPE_CHECKING:
+    from ray.train import Result
+
+    from raymed.promote import PromotionResult
 
 
 @dataclass
 class DistillResult:
     config: Config
     """The config the run trained with (teacher pinned, the student in `model`, the student's registry)."""
-    result: object
-    """Ray Train's Result."""
-    promotion: object | None
-    """The gate's PromotionResult (None when not promoted)."""
+    result: Result
+    """Ray Train's."""
+    promotion: PromotionResult | None
+    """The gate's decision (None with `promote=False`)."""
 
 
 def distill(config: Config, promote: bool = True, progress=None) -> DistillResult:
@@ -46,8 +52,8 @@ def distill(config: Config, promote: bool = True, progress=None) -> DistillResul
     return DistillResult(run_config, result, promotion)
 
 
-def serve_hint(run_config: Config) -> str:
-    """How to serve the student's current registry version."""
-    registry = Path(run_config.storage_path).expanduser() / "registry" / run_config.registry.name
-    return (f"serve the student: raymed serve --set registry.name={run_config.registry.name} "
-            f"(or --set serve.model={registry}/<version>)")
+def serve_hint(run_config: Config, version: str) -> str:
+    """How to serve the student's registry `version`."""
+    directory = Path(run_config.storage_path).expanduser() / "registry" / run_config.registry.name / version
+    return (f"serve the student: raymed serve --set serve.model={directory} --set serve.model_name="
+            f"{run_config.registry.name} (or, with this storage_path, --set registry.name={run_config.registry.name})")

@@ -25,7 +25,8 @@ def prepare_run(config: Config) -> Config:
     """The config a distillation trains with: `distill.teacher` pinned to the teacher's
     directory (resolved once, here, so every worker and every retry uses the same one),
     `model` naming the student (with `distill.student_layers`, a directory written under
-    the run's `distill/student/`), and `registry.name` the student's own."""
+    the run's `distill/student/`, in place of the model section's name, init, architecture
+    and tokenizer), and `registry.name` the student's own."""
     from transformers import AutoTokenizer
 
     from raymed.pipeline import run_dir
@@ -36,13 +37,10 @@ def prepare_run(config: Config) -> Config:
                           "teacher's vocabulary (add task tokens when fine-tuning the student afterwards)")
     teacher = resolve_teacher(config)
     values = {"distill.teacher": str(teacher), "registry.name": distill.registry_name or f"{config.registry.name}-small"}
-    if distill.student_layers is not None:
-        if config.model.init == "scratch":
-            raise RaymedError("distill.student_layers takes the student from the teacher's layers: it replaces the "
-                              "model section, so leave model.init: pretrained (or unset student_layers to train the "
-                              "model section's scratch architecture as the student)")
+    if distill.student_layers is not None:  # the student replaces the model section's model
         student = write_layer_student(teacher, distill.student_layers, run_dir(config) / STUDENT_DIR)
-        values |= {"model.name": str(student), "model.tokenizer": None}
+        values |= {"model.name": str(student), "model.init": "pretrained", "model.architecture": {},
+                   "model.tokenizer": None}
     else:
         check_same_vocabulary(AutoTokenizer.from_pretrained(teacher), load_tokenizer(config.model), teacher)
     return with_values(config, values)
