@@ -32,7 +32,7 @@ def main() -> None:
     args = _parser().parse_args()
     import ray
 
-    started, report = time.perf_counter(), {"machine": serve_load.machine(), "load_avg_at_start": _load()}
+    started, report = time.perf_counter(), {"machine": serve_load.machine()}  # its load average at the start too
     with tempfile.TemporaryDirectory(prefix="raymed-bench-distill-") as scratch:
         config = bench_config(Path(scratch), args)
         ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)  # 4 logical on 2 cores: Ray Data beside a worker
