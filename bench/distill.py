@@ -3,7 +3,8 @@ distilled from the teacher, against the same student trained with cross-entropy 
 steps, same blocks in the same order), and the teacher itself — validation loss and
 multiple-choice accuracy (paired-bootstrap CIs against the CE-only student) — then the
 serving throughput of the distilled student against the teacher's, each deployed alone on
-Serve and loaded by bench/serve_load.py's client. Prints JSON.
+Serve and loaded by bench/serve_load.py's client (the untrained student too: the same
+architecture, for when the distilled one ends its answers early). Prints JSON.
 
     python bench/distill.py                       # SmolLM2-135M-Instruct → 15 of its 30 layers
     python bench/distill.py --steps 40 --items 200
@@ -38,8 +39,8 @@ def main() -> None:
         ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)  # 4 logical on 2 cores: Ray Data beside a worker
         models, report["training"] = train_both(config, args)
         report["eval"] = evaluate(models["config"], {k: v for k, v in models.items() if k != "config"})
-        report["serving"] = serve_both(models["config"], {"teacher": models["teacher"],
-                                                          "distilled": models["distilled"]}, args)
+        served = {label: models[label] for label in ("teacher", "distilled", "student_init")}
+        report["serving"] = serve_both(models["config"], served, args)
     report["load_avg_at_end"], report["wall_s"] = _load(), round(time.perf_counter() - started, 1)
     print(json.dumps(report, indent=1))
 
@@ -123,11 +124,14 @@ def evaluate(config, models: dict[str, str]) -> dict:
 
 def serve_both(config, models: dict[str, str], args) -> dict:
     """Each model alone on one Serve replica (one CPU), the same prompts through
-    serve_load's client; generated tokens/s and latency, and the student's speed-up."""
+    serve_load's client; generated tokens/s and latency, and each student's speed-up over
+    the teacher. Tokens/s compare only at the same generated length (a student that ends its
+    answers early has fewer tokens to spread the fixed costs over): `same_length` says so;
+    the untrained student, of the same architecture, rarely ends early."""
     from ray import serve
 
     from raymed.config import with_values
-    from raymed.serve.deploy import deploy
+    from raymed.serve.deploy import APP_NAME, deploy
 
     prompts = serve_load.load_prompts(args.requests)
     client = serve_load._parser().parse_args(["--max-tokens", str(args.max_tokens), "--warmup", "1"])
@@ -137,10 +141,13 @@ def serve_both(config, models: dict[str, str], args) -> dict:
         client.url = deployment.url.removesuffix("/v1")
         levels[label] = asyncio.run(serve_load.run_level(client, label, prompts, args.concurrency))
         levels[label]["load_avg"] = _load()
-        serve.shutdown()
-    speedup = levels["distilled"]["generated_tokens_per_s"] / levels["teacher"]["generated_tokens_per_s"]
-    return {"levels": levels, "student_vs_teacher_tokens_per_s": round(speedup, 2),
-            "max_tokens": args.max_tokens, "concurrency": args.concurrency}
+        serve.delete(APP_NAME)
+    teacher = levels["teacher"]
+    speedups = {label: {"tokens_per_s_vs_teacher": round(level["generated_tokens_per_s"]
+                                                         / teacher["generated_tokens_per_s"], 2),
+                        "same_length": level["generated_tokens"] == teacher["generated_tokens"]}
+                for label, level in levels.items() if label != "teacher"}
+    return {"levels": levels, "vs_teacher": speedups, "max_tokens": args.max_tokens, "concurrency": args.concurrency}
 
 
 def _load() -> list[float]:
