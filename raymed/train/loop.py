@@ -119,7 +119,7 @@ class WorkerLoop:
                             pin_memory=self.device.type == "cuda")
         progress = tqdm(total=train.max_steps, initial=self.step, desc="train", disable=not self.rank0)
         self._restart_clocks()
-        pending: list[dict] = []  # the steps not logged yet, their train_loss still a device tensor
+        pending: list[dict] = []  # the steps not logged yet, their losses still device tensors
         while self.step < train.max_steps:
             lr = self.scheduler.get_last_lr()[0]  # the rate this step trains at
             losses = self._train_step(stream)
