@@ -102,6 +102,9 @@ def _parser() -> argparse.ArgumentParser:
     from raymed.tokenizer.cli import add_tokenizer_command  # tokenizers trained on a corpus (issue 21)
 
     add_tokenizer_command(commands, _add_config_args)
+    from raymed.distill.cli import add_distill_command  # teacher → student (issue 21)
+
+    add_distill_command(commands, _add_config_args)
 
     evaluate = commands.add_parser(
         "eval",

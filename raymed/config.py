@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator, model_validator
 
 from raymed.config_section import Section as _Section
+from raymed.distill.config import DistillConfig
 from raymed.errors import RaymedError
 from raymed.tokenizer.config import TaskToken, check_task_tokens
 from raymed.train_config import TrainConfig
@@ -334,6 +335,7 @@ class Config(_Section):
     serve: ServeConfig = Field(default_factory=ServeConfig)
     index: IndexConfig = Field(default_factory=IndexConfig)
     pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
+    distill: DistillConfig = Field(default_factory=DistillConfig)
     trial_name: str | None = None
     """Set by `raymed tune` for each trial (its Ray Train run lives under the sweep); leave unset."""
 

@@ -16,7 +16,6 @@ import torch
 from tqdm import tqdm
 
 from raymed.config import Config
-from raymed.data.records import IGNORE_INDEX
 from raymed.errors import RaymedError
 from raymed.tokenizer.task_tokens import optimizer_groups, task_token_ids
 from raymed.train.checkpoint import (
@@ -38,7 +37,7 @@ from raymed.train.fsdp import (
     save_sharded_state,
     shard_model,
 )
-from raymed.train.metrics import labelled_tokens, token_metrics, val_metrics
+from raymed.train.metrics import labelled_tokens
 from raymed.train.model import (
     apply_scope,
     build_model,
@@ -49,6 +48,7 @@ from raymed.train.model import (
 )
 from raymed.train.runlog import RunLog
 from raymed.train.paths import checkpoints_dir, train_dir
+from raymed.train.validation import in_lockstep, unscored_batch, validate
 
 
 def train_loop_per_worker(config_data: dict) -> None:
@@ -119,11 +119,11 @@ class WorkerLoop:
                             pin_memory=self.device.type == "cuda")
         progress = tqdm(total=train.max_steps, initial=self.step, desc="train", disable=not self.rank0)
         self._restart_clocks()
-        pending: list[dict] = []  # the steps not logged yet, their train_loss still a device tensor
+        pending: list[dict] = []  # the steps not logged yet, their losses still device tensors
         while self.step < train.max_steps:
             lr = self.scheduler.get_last_lr()[0]  # the rate this step trains at
-            loss = self._train_step(stream)
-            pending.append({"step": self.step, "train_loss": loss, "lr": lr})
+            losses = self._train_step(stream)
+            pending.append({"step": self.step, **losses, "lr": lr})
             checkpoint = self.step % train.eval_every == 0 or self.step == train.max_steps
             first = self.step == self.start_step + 1
             read = checkpoint or first or self.step % train.log_every == 0
@@ -156,26 +156,32 @@ class WorkerLoop:
         return worker_batches("train", self.config.train.micro_batch_size,
                               deterministic=self.config.data.deterministic)
 
-    def _train_step(self, stream) -> torch.Tensor:
+    def _train_step(self, stream) -> dict[str, torch.Tensor]:
         """One optimizer step over `grad_accum` micro-batches. Every labelled token weighs
         the same, whichever micro-batch or rank holds it: each micro-batch's summed token
         loss is divided by the step's labelled tokens counted over all ranks. Returns this
-        rank's share of the step's mean loss, left on the device (detached) so that the host
-        need not wait for the GPU."""
+        rank's share of the step's mean losses (`train_loss`, and any parts `_losses` adds),
+        left on the device (detached) so that the host need not wait for the GPU."""
         batches = [self._next_batch(stream) for _ in range(self.config.train.grad_accum)]
         tokens = torch.stack([labelled_tokens(b["labels"]) for b in batches]).sum()
         tokens = self._sum_over_ranks(tokens.to(self.device, non_blocking=True))
-        loss_sum = torch.zeros((), device=self.device)
+        sums: dict[str, torch.Tensor] = {}
         for index, batch in enumerate(batches):
             with self._gradient_sync(index == len(batches) - 1), self.autocast():
-                loss = self.forward(**batch, num_items_in_batch=tokens).loss
+                losses = self._losses(batch, tokens)
             # DDP's all-reduce and FSDP's reduce-scatter both average gradients over ranks;
             # the loss is over all ranks' tokens already.
-            (loss * self.world).backward()
-            loss_sum += loss.detach()
+            (losses["train_loss"] * self.world).backward()
+            for name, value in losses.items():
+                sums[name] = sums.get(name, 0) + value.detach()
         self._apply_gradients()
         self.step += 1
-        return loss_sum
+        return sums
+
+    def _losses(self, batch: dict[str, torch.Tensor], tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+        """A micro-batch's summed token losses over the step's `tokens`: `train_loss`, the one
+        trained on (raymed.distill adds its parts)."""
+        return {"train_loss": self.forward(**batch, num_items_in_batch=tokens).loss}
 
     def _apply_gradients(self) -> torch.Tensor:
         """Clip, step the optimizer and the schedule, clear the gradients; returns the
@@ -340,47 +346,17 @@ class WorkerLoop:
             self.log.note(f"removed {path}: resumed from, but never registered by Ray Train")
 
 
-def validate(model, batches, device="cpu", sum_over_ranks=lambda t: t) -> dict[str, float]:
-    """val_loss, val_ppl and val_token_acc over `batches` (this rank's share of every
-    validation block), summed across all workers by `sum_over_ranks`."""
-    totals = torch.zeros(3, dtype=torch.float64)
-    model.eval()
-    with torch.no_grad():
-        for batch in batches:
-            batch = {k: v.to(device) for k, v in batch.items()}
-            logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits
-            totals += torch.tensor(token_metrics(logits, batch["labels"]), dtype=torch.float64)
-    model.train()
-    loss_sum, correct, count = sum_over_ranks(totals.to(device)).cpu().tolist()
-    return val_metrics(loss_sum, int(correct), int(count))
-
-
-def in_lockstep(batches, filler: dict[str, torch.Tensor], any_rank):
-    """`batches`, then `filler` for as long as another rank still has batches, so that all
-    ranks run the same number of forwards. `any_rank(flag)` is true when `flag` is on any."""
-    batches = iter(batches)
-    while True:
-        batch = next(batches, None)
-        if not any_rank(batch is not None):
-            return
-        yield filler if batch is None else batch
-
-
-def unscored_batch(block_size: int) -> dict[str, torch.Tensor]:
-    """One block with no labelled token: its forward adds nothing to validation's totals."""
-    return {"input_ids": torch.zeros(1, block_size, dtype=torch.long),
-            "position_ids": torch.arange(block_size).unsqueeze(0),
-            "labels": torch.full((1, block_size), IGNORE_INDEX)}
-
-
 def read_losses(pending: list[dict], sum_over_ranks=lambda t: t) -> None:
-    """Turn each pending step's `train_loss` (this rank's share, a device tensor) into the
-    step's mean loss over all ranks, as a float: one all-reduce and one host transfer (the
-    loop's only GPU sync between reads); stop at the first non-finite loss, naming its step."""
-    values = sum_over_ranks(torch.stack([metrics["train_loss"] for metrics in pending])).tolist()
-    for metrics, value in zip(pending, values):
-        _check_finite("loss", value, metrics["step"])
-        metrics["train_loss"] = value
+    """Turn each pending step's losses (`train_loss` and any parts beside it: this rank's
+    share, device tensors) into the step's means over all ranks, as floats: one all-reduce
+    and one host transfer (the loop's only GPU sync between reads); stop at the first
+    non-finite loss, naming its step."""
+    names = [name for name, value in pending[0].items() if isinstance(value, torch.Tensor)]
+    values = sum_over_ranks(torch.stack([torch.stack([m[n] for n in names]) for m in pending])).tolist()
+    for metrics, row in zip(pending, values):
+        for name, value in zip(names, row):
+            _check_finite("loss" if name == "train_loss" else name, value, metrics["step"])
+            metrics[name] = value
 
 
 def _check_finite(name: str, value: float, step: int) -> None:
