@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import secrets
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -46,8 +47,9 @@ class SamplingParams:
         return bool(self.presence_penalty or self.frequency_penalty)
 
 
-@dataclass(frozen=True)
-class SampledToken:
+class SampledToken(NamedTuple):
+    """One row's sampled token (and its logprobs when asked); a tuple: one per row per step."""
+
     token: int
     logprob: float | None = None
     top: tuple[tuple[int, float], ...] = ()
