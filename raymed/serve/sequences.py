@@ -7,12 +7,12 @@ import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
+from typing import NamedTuple
 
 from raymed.serve.sampling import SampledToken, SamplingParams
 
 
-@dataclass(frozen=True)
-class TokenEvent:
+class TokenEvent(NamedTuple):
     """What a request's stream yields: new text since the last event, the completion's
     token count so far, the finish reason on the last event (`stop`, `length` or `error`),
     and the new tokens' logprobs when the request asked for them: `{"token", "logprob",
@@ -130,12 +130,16 @@ def read_texts(seqs: list[Sequence], texts: Texts) -> None:
 
 
 def batch_decoder(tokenizer) -> Callable[[list[list[int]]], list[str]]:
-    """`tokenizer.batch_decode(ids, skip_special_tokens=True)`, straight to the Rust tokenizer
-    when the Python wrapper would add only its per-id type checks (most of the cost per token)."""
+    """Each id list's `tokenizer.decode(ids, skip_special_tokens=True)`, straight to the Rust
+    tokenizer when the Python wrapper would add only its per-id type checks (most of the cost
+    per token). One call per list: for a batch's few-token windows that measured faster than
+    the Rust `decode_batch` (64 windows, 2 cores: 35 against 66 µs)."""
     backend = getattr(tokenizer, "_tokenizer", None)
     if backend is not None and not getattr(tokenizer, "clean_up_tokenization_spaces", True):
-        return partial(backend.decode_batch, skip_special_tokens=True)
-    return partial(tokenizer.batch_decode, skip_special_tokens=True)
+        decode = partial(backend.decode, skip_special_tokens=True)
+    else:
+        decode = partial(tokenizer.decode, skip_special_tokens=True)
+    return lambda id_lists: [decode(ids) for ids in id_lists]
 
 
 def coalesce(event: TokenEvent | BaseException, queue: asyncio.Queue) -> TokenEvent:
