@@ -248,6 +248,9 @@ class ServeConfig(_Section):
     retry_after_s: int = Field(1, ge=0)
     max_batch_size: int = Field(16, ge=1)
     """Sequences decoded together on one replica; newcomers join between decode steps."""
+    max_num_batched_tokens: int = Field(512, ge=2)
+    """Tokens one engine step processes (a decode token per running sequence, then prompt
+    tokens); a longer prompt is prefilled in chunks across steps. More than max_batch_size."""
     cuda_graphs: bool = True
     """On a GPU replica, replay each decode step as a CUDA graph (one per batch-size bucket,
     captured on first use) instead of launching its kernels one by one from Python."""
@@ -282,6 +285,9 @@ class ServeConfig(_Section):
     def _consistent(self) -> ServeConfig:
         if self.min_replicas > self.max_replicas:
             raise ValueError(f"min_replicas ({self.min_replicas}) must be <= max_replicas ({self.max_replicas})")
+        if self.max_num_batched_tokens <= self.max_batch_size:
+            raise ValueError(f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be more than "
+                             f"max_batch_size ({self.max_batch_size})")
         if self.max_queued_requests == 0:
             raise ValueError("max_queued_requests must be -1 (no limit) or at least 1")
         return self

@@ -9,7 +9,8 @@ import asyncio
 import pytest
 from transformers import AutoTokenizer
 
-from raymed.serve.engine import BatchingEngine, SamplingParams, TokenEvent, _coalesce, _Sequence, _text_decoder
+from raymed.serve.sampling import SamplingParams
+from raymed.serve.sequences import Sequence, Texts, TokenEvent, batch_decoder, coalesce, read_texts
 
 TEXT = "Fièvre à 39 °C 🤒 since Tuesday; 咳嗽 and naïve café-style déjà vu — take 500 mg paracetamol.\n\nThen rest."
 
@@ -20,19 +21,20 @@ def tokenizer(request, default_assets):
     return AutoTokenizer.from_pretrained(directory)
 
 
-def test_rust_decoder_equals_the_tokenizers_decode(tokenizer):
+def test_rust_batch_decoder_equals_the_tokenizers_decode(tokenizer):
     ids = tokenizer(TEXT)["input_ids"] + [tokenizer.eos_token_id]
-    assert _text_decoder(tokenizer)(ids) == tokenizer.decode(ids, skip_special_tokens=True)
+    halves = [ids[: len(ids) // 2], ids[len(ids) // 2:]]
+    assert batch_decoder(tokenizer)(halves) == [tokenizer.decode(half, skip_special_tokens=True) for half in halves]
 
 
 def test_incremental_text_equals_the_whole_decode_at_every_token(tokenizer):
-    engine = BatchingEngine.__new__(BatchingEngine)  # only the text side is used here
-    engine._decode_ids = _text_decoder(tokenizer)
-    seq = _Sequence("r", [1], SamplingParams(max_tokens=1000), asyncio.Queue(), None)
+    texts = Texts(tokenizer)
+    seq = Sequence("r", [1], SamplingParams(max_tokens=1000), asyncio.Queue())
     for token in tokenizer(TEXT)["input_ids"]:
         seq.generated.append(token)
-        assert engine._text(seq) == tokenizer.decode(seq.generated, skip_special_tokens=True)
-    assert engine._text(seq) == TEXT
+        read_texts([seq], texts)
+        assert seq.text == tokenizer.decode(seq.generated, skip_special_tokens=True)
+    assert seq.text == TEXT
     assert seq.read_offset > len(seq.generated) - 5  # the window stayed short
 
 
@@ -43,7 +45,7 @@ def test_a_backlog_is_sent_as_one_event():
             queue.put_nowait(TokenEvent(text, count))
         queue.put_nowait(TokenEvent("d", 4, "length"))
         queue.put_nowait(TokenEvent("never", 5))  # past the end: left alone
-        merged = _coalesce(TokenEvent("a", 1), queue)
+        merged = coalesce(TokenEvent("a", 1), queue)
         return merged, queue.qsize()
 
     assert asyncio.run(main()) == (TokenEvent("abcd", 4, "length"), 1)
@@ -53,7 +55,7 @@ def test_an_error_in_the_backlog_is_raised():
     async def main():
         queue = asyncio.Queue()
         queue.put_nowait(RuntimeError("model step failed"))
-        _coalesce(TokenEvent("a", 1), queue)
+        coalesce(TokenEvent("a", 1), queue)
 
     with pytest.raises(RuntimeError, match="model step failed"):
         asyncio.run(main())

@@ -1,15 +1,17 @@
-"""Continuous batching on one replica: one decode loop over a batch of KV-cache slots.
+"""Continuous batching on one replica: one loop of steps over a batch of KV-cache slots.
 
-Requests wait in a queue; between decode steps the loop prefills the newcomers (as one
-left-padded batch), copies their keys and values into free slots of the running batch
-(raymed.serve.slots, where a GPU's decode step is a replayed CUDA graph), and frees the
-slots of finished or cancelled requests. So a request that arrives while a long batch
-decodes gets its first token after one prefill, not after the batch ends. Each step's
-next tokens come from raymed.serve.sampling's BatchSampler, whose rows follow the slots'.
+Requests wait in a queue. Each step decodes one token for every running sequence and, in
+the same step, prefills prompts within what is left of the step's token budget
+(`serve.max_num_batched_tokens`; raymed.serve.prefill): short prompts whole, a long one in
+chunks across steps, so the running sequences keep decoding meanwhile. A finished prefill's
+keys and values are copied into free slots of the running batch (raymed.serve.slots, where
+a GPU's decode step is a replayed CUDA graph); finished or cancelled requests free theirs.
+A prefill that fails fails only its own requests. Every row's next token comes from one
+call of raymed.serve.sampling's BatchSampler over the step's logits, read back once.
 
-The loop is one asyncio task per replica; each model step runs on a single worker thread,
-so the event loop keeps accepting requests and streaming tokens while torch computes.
-Every request reads its tokens from its own asyncio queue.
+The loop is one asyncio task per replica; each step runs on a single worker thread, so the
+event loop keeps accepting requests and streaming tokens while torch computes. Every
+request reads its events (raymed.serve.sequences) from its own asyncio queue.
 """
 
 from __future__ import annotations
@@ -21,11 +23,13 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from functools import partial
 
 import torch
 
+from raymed.config import ServeConfig
+from raymed.serve.prefill import Prefiller, PrefillPlan, Prefilled
 from raymed.serve.sampling import BatchSampler, SampledToken, SamplingParams, prompt_logprobs
+from raymed.serve.sequences import Sequence, Texts, TokenEvent, coalesce, read_texts
 from raymed.serve.slots import FIRST_COLUMNS, DecodeStep, SlotCache, cache_argument
 
 __all__ = ["BatchingEngine", "EngineStats", "SamplingParams", "TokenEvent"]
@@ -33,58 +37,28 @@ __all__ = ["BatchingEngine", "EngineStats", "SamplingParams", "TokenEvent"]
 logger = logging.getLogger("ray.serve")
 
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+DEFAULT_MAX_NUM_BATCHED_TOKENS = ServeConfig.model_fields["max_num_batched_tokens"].default
 
-
-@dataclass(frozen=True)
-class TokenEvent:
-    """What a request's stream yields: new text since the last event, the completion's
-    token count so far, the finish reason on the last event (`stop` or `length`), and the
-    new tokens' logprobs when the request asked for them: `{"token", "logprob", "top":
-    [[token, logprob], ...]}` each, tokens as text."""
-
-    text: str
-    completion_tokens: int
-    finish_reason: str | None = None
-    logprobs: tuple[dict, ...] = ()
-
-
-@dataclass
-class _Sequence:
-    request_id: str
-    prompt_ids: list[int]
-    params: SamplingParams
-    queue: asyncio.Queue
-    generator: torch.Generator | None
-    generated: list[int] = field(default_factory=list)
-    decoded: str = ""  # the text of generated[:read_offset]
-    text: str = ""  # the text of all generated tokens (held-back stop prefixes included)
-    pending_logprobs: list[dict] = field(default_factory=list)  # not yet sent
-    prefix_offset: int = 0  # where the decoding window starts (see BatchingEngine._text)
-    read_offset: int = 0
-    emitted_text: str = ""
-    finish_reason: str | None = None
-    cancelled: bool = False
-
-    @property
-    def position(self) -> int:
-        """Position id of the last generated token (the one fed to the next step)."""
-        return len(self.prompt_ids) + len(self.generated) - 1
+Outcome = tuple[Sequence, TokenEvent | Exception]
 
 
 class BatchingEngine:
     """Generates for many requests at once on one model; see the module docstring."""
 
-    def __init__(self, model, tokenizer, *, max_batch_size: int, context_length: int,
-                 eos_token_ids: set[int], on_step: Callable[[], None] | None = None, cuda_graphs: bool = False):
+    def __init__(self, model, tokenizer, *, max_batch_size: int, context_length: int, eos_token_ids: set[int],
+                 max_num_batched_tokens: int = DEFAULT_MAX_NUM_BATCHED_TOKENS,
+                 on_step: Callable[[], None] | None = None, cuda_graphs: bool = False):
+        if max_num_batched_tokens <= max_batch_size:
+            raise ValueError(f"max_num_batched_tokens ({max_num_batched_tokens}) must be more than "
+                             f"max_batch_size ({max_batch_size}): a full batch's decode step leaves room to prefill")
         self.model = model
-        self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
         self.context_length = context_length
         self.eos_token_ids = eos_token_ids
         self.on_step = on_step
         self.stats = EngineStats()
-        self._waiting: deque[_Sequence] = deque()
-        self._running: list[_Sequence] = []  # row i of the slots holds self._running[i]
+        self._waiting: deque[Sequence] = deque()
+        self._running: list[Sequence] = []  # row i of the slots holds self._running[i]
         self._slots: SlotCache | None = None
         self._sampler: BatchSampler | None = None
         self._decode_step: DecodeStep | None = None
@@ -93,16 +67,17 @@ class BatchingEngine:
         self._loop_task: asyncio.Task | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="raymed-decode")
         self._cache_arg = cache_argument(model)
-        self._decode_ids = _text_decoder(tokenizer)
-        self._token_texts: dict[int, str] = {}
+        self._prefiller = Prefiller(model, self._cache_arg, tokenizer.pad_token_id or 0, max_batch_size,
+                                    max_num_batched_tokens)
+        self._texts = Texts(tokenizer)
 
     async def prompt_logprobs(self, prompt_ids: list[int], top: int) -> list[dict]:
         """The prompt's own token logprobs (see raymed.serve.sampling.prompt_logprobs), computed
         on the decode thread between steps."""
         loop = asyncio.get_running_loop()
         scored = await loop.run_in_executor(self._executor, self._score_prompt, list(prompt_ids), top)
-        first = {"token": self._token_text(prompt_ids[0]), "logprob": None, "top": None}  # nothing precedes it
-        return [first] + [self._logprob_entry(token) for token in scored[1:]]
+        first = {"token": self._texts.token(prompt_ids[0]), "logprob": None, "top": None}  # nothing precedes it
+        return [first] + [self._texts.logprob_entry(token) for token in scored[1:]]
 
     @torch.inference_mode()
     def _score_prompt(self, prompt_ids: list[int], top: int) -> list[SampledToken | None]:
@@ -115,14 +90,14 @@ class BatchingEngine:
         cancels the request: its row leaves the batch at the next step."""
         if not prompt_ids:  # refused here, before it could fail the whole batch's step
             raise ValueError(f"request {request_id} has an empty prompt")
-        seq = _Sequence(request_id, list(prompt_ids), params, asyncio.Queue(), _generator(params.seed))
+        seq = Sequence(request_id, list(prompt_ids), params)
         self._waiting.append(seq)
         self.stats.waiting = len(self._waiting)
         self._ensure_loop()
         self._wake.set()
         try:
             while True:
-                event = _coalesce(await seq.queue.get(), seq.queue)
+                event = coalesce(await seq.queue.get(), seq.queue)
                 yield event
                 if event.finish_reason is not None:
                     return
@@ -140,87 +115,98 @@ class BatchingEngine:
     async def _decode_loop(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            if not self._waiting and not self._running:
+            if not self._waiting and not self._running and self._prefiller.chunking is None:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
-            newcomers = self._admit()
+            plan = self._prefiller.plan(self._waiting, len(self._running))
+            self.stats.waiting = len(self._waiting)
             try:
-                outputs = await loop.run_in_executor(self._executor, self._step, newcomers)
-            except Exception as err:  # a model failure fails the requests in flight, not the replica
+                outcomes = await loop.run_in_executor(self._executor, self._step, plan)
+            except Exception as err:  # a decode failure fails the requests in flight, not the replica
                 logger.exception("decode step failed")
-                self._fail_all(err, newcomers)
-                continue
-            for seq, event in outputs:
+                outcomes = self._fail_all(err, plan)
+            for seq, event in outcomes:
                 seq.queue.put_nowait(event)
             if self.on_step is not None:
                 self.on_step()
 
-    def _admit(self) -> list[_Sequence]:
-        """Take waiting requests into the batch while it has room (dropping cancelled ones)."""
-        free = self.max_batch_size - len(self._running)
-        newcomers = []
-        while self._waiting and len(newcomers) < free:
-            seq = self._waiting.popleft()
-            if not seq.cancelled:
-                newcomers.append(seq)
-        self.stats.waiting = len(self._waiting)
-        return newcomers
-
-    def _fail_all(self, err: Exception, newcomers: list[_Sequence]) -> None:
-        for seq in [*self._running, *newcomers]:
-            seq.finish_reason = "error"
-            seq.queue.put_nowait(err)
+    def _fail_all(self, err: Exception, plan: PrefillPlan) -> list[Outcome]:
+        chunking = self._prefiller.forget_chunk()
+        failed = list(dict.fromkeys([*self._running, *plan.whole, *([chunking] if chunking is not None else [])]))
         self._running, self._slots, self._decode_step = [], None, None
         self.stats.running = 0
+        return _failures(failed, err)
 
     # ---- the model side (the decode thread) ----
 
     @torch.inference_mode()
-    def _step(self, newcomers: list[_Sequence]) -> list[tuple[_Sequence, TokenEvent]]:
-        """One unit of work: prefill the newcomers if there are any, else one decode step
-        for the running batch. Returns the events to deliver."""
+    def _step(self, plan: PrefillPlan) -> list[Outcome]:
+        """One step: a decode step for the running batch, then the planned prefills, then one
+        sampling call for every row that has a next token. Returns the events to deliver."""
         started = time.perf_counter()
         self._drop_rows(lambda seq: seq.cancelled)
-        outputs = []
-        if newcomers:
-            outputs = self._advance_all(newcomers, self._prefill(newcomers))
-        elif self._running:
+        logits, failed = [], []
+        if self._running:
             self.stats.observe_batch(len(self._running))
-            outputs = self._advance_all(self._running, self._decode())
+            logits.append(self._decode())
+        if plan.whole:
+            failed += self._join(plan.whole, lambda: self._prefiller.whole(plan.whole), logits)
+        chunking = self._prefiller.chunking
+        if chunking is not None and chunking.cancelled:
+            self._prefiller.forget_chunk()
+        elif plan.chunk_tokens:
+            failed += self._join([chunking], lambda: self._prefiller.next_chunk(plan.chunk_tokens), logits)
+        outcomes = self._advance_all(logits[0] if len(logits) == 1 else torch.cat(logits)) if logits else []
         self._drop_rows(lambda seq: seq.finish_reason is not None)
         self.stats.running = len(self._running)
         self.stats.step_seconds += time.perf_counter() - started
-        return outputs
+        return outcomes + failed
 
-    def _advance_all(self, rows: list[_Sequence], logits: torch.Tensor) -> list[tuple[_Sequence, TokenEvent]]:
-        """Sample the next token of `rows` (the last rows of the batch) and advance each."""
-        sampled = self._sampler.sample(logits, len(self._running) - len(rows), [seq.generator for seq in rows])
-        events = ((seq, self._advance(seq, token)) for seq, token in zip(rows, sampled))
-        return [(seq, event) for seq, event in events if event is not None]
-
-    def _prefill(self, newcomers: list[_Sequence]) -> torch.Tensor:
-        """Run the newcomers' prompts as one left-padded batch and copy their keys and values
-        into the next free slots. Returns their last-position logits."""
-        from transformers import DynamicCache
-
-        width = max(len(seq.prompt_ids) for seq in newcomers)
-        pad = self.tokenizer.pad_token_id or 0
-        input_ids = torch.tensor([[pad] * (width - len(s.prompt_ids)) + s.prompt_ids for s in newcomers])
-        mask = torch.tensor([[0] * (width - len(s.prompt_ids)) + [1] * len(s.prompt_ids) for s in newcomers])
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        cache = DynamicCache(config=self.model.config)
-        out = self.model(input_ids=input_ids.to(self.model.device), attention_mask=mask.to(self.model.device),
-                         position_ids=positions.to(self.model.device), use_cache=True, logits_to_keep=1,
-                         **{self._cache_arg: cache})
-        self._place([(layer.keys, layer.values) for layer in cache.layers], mask)
+    def _join(self, seqs: list[Sequence], prefill: Callable[[], Prefilled | None],
+              logits: list[torch.Tensor]) -> list[Outcome]:
+        """Run a prefill; once done, its rows join the batch (their logits appended). A
+        failure fails `seqs` alone: returned as their outcomes."""
+        try:
+            done = prefill()
+            if done is None:  # a chunk of a prompt that is not finished yet
+                return []
+            layers, mask, last_logits = done
+            self._place(layers, mask)
+        except Exception as err:
+            if seqs[0] is self._prefiller.chunking:
+                self._prefiller.forget_chunk()
+            elif len(seqs) > 1:  # find the request that fails: each of the batch alone
+                logger.warning("prefill of %d requests failed; prefilling each alone", len(seqs), exc_info=True)
+                return [failure for seq in seqs
+                        for failure in self._join([seq], lambda seq=seq: self._prefiller.whole([seq]), logits)]
+            logger.exception("prefill of request %s failed", seqs[0].request_id)
+            return _failures(seqs, err)
         if self._sampler is None:
-            self._sampler = BatchSampler(self.max_batch_size, out.logits.shape[-1], out.logits.device)
-        self._sampler.admit(len(self._running), [(seq.params, seq.prompt_ids) for seq in newcomers])
-        self._running.extend(newcomers)
+            self._sampler = BatchSampler(self.max_batch_size, last_logits.shape[-1], last_logits.device)
+        self._sampler.admit(len(self._running), [(seq.params, seq.prompt_ids) for seq in seqs])
+        self._running.extend(seqs)
+        logits.append(last_logits)
         self.stats.prefills += 1
         self.stats.prompt_tokens += int(mask.sum())
-        return out.logits[:, -1, :]
+        return []
+
+    def _advance_all(self, logits: torch.Tensor) -> list[Outcome]:
+        """Sample every row's next token (one read-back), then advance the rows together."""
+        sampled = self._sampler.sample(logits)
+        self.stats.generated_tokens += len(sampled)
+        rows, texts, eos = self._running, self._texts, self.eos_token_ids
+        ended = [seq.add(token, texts, eos) for seq, token in zip(rows, sampled)]
+        read_texts([seq for seq, end in zip(rows, ended) if not end], texts)
+        outcomes, finished = [], self.stats.finished
+        for seq, end in zip(rows, ended):
+            event = seq.next_event(end, self.context_length)
+            if event is None:
+                continue
+            outcomes.append((seq, event))
+            if event.finish_reason is not None:
+                finished[event.finish_reason] = finished.get(event.finish_reason, 0) + 1
+        return outcomes
 
     def _place(self, layers: list[tuple[torch.Tensor, torch.Tensor]], mask: torch.Tensor) -> None:
         if self._slots is None:
@@ -241,7 +227,7 @@ class BatchingEngine:
         self.stats.decode_steps += 1
         return logits
 
-    def _drop_rows(self, leaves: Callable[[_Sequence], bool]) -> None:
+    def _drop_rows(self, leaves: Callable[[Sequence], bool]) -> None:
         """Free the slots of sequences that leave: the last rows move into the holes, so the
         running rows stay the first ones. An idle CPU replica frees the slots' memory too."""
         leaving = [leaves(seq) for seq in self._running]
@@ -258,58 +244,11 @@ class BatchingEngine:
         if not self._running and not self.cuda_graphs:
             self._slots, self._decode_step = None, None
 
-    def _advance(self, seq: _Sequence, sampled: SampledToken) -> TokenEvent | None:
-        """Add a token to a sequence; return the event to send (None: nothing new to show)."""
-        token = sampled.token
-        seq.generated.append(token)
-        self.stats.generated_tokens += 1
-        if seq.params.logprobs is not None:
-            seq.pending_logprobs.append(self._logprob_entry(sampled))
-        if token in self.eos_token_ids:  # the text so far, held-back stop prefixes included
-            seq.finish_reason = "stop"
-            return self._event(seq, seq.text)
-        text = seq.text = self._text(seq)
-        cut = _first_stop(text, seq.params.stop)
-        if cut is not None:
-            seq.finish_reason = "stop"
-            return self._event(seq, text[:cut])
-        if len(seq.generated) >= seq.params.max_tokens or seq.position + 1 >= self.context_length:
-            seq.finish_reason = "length"
-            return self._event(seq, text)
-        shown = text[: len(text) - _held_back(text, seq.params.stop)]
-        if len(shown) <= len(seq.emitted_text):
-            return None
-        return self._event(seq, shown)
 
-    def _text(self, seq: _Sequence) -> str:
-        """The text of all generated tokens, decoding only the last few (vLLM's incremental
-        detokenizer): the window starts one emission back, so the tokens that merge across
-        its edge (and an unfinished UTF-8 character) decode as in the whole text."""
-        before = self._decode_ids(seq.generated[seq.prefix_offset: seq.read_offset])
-        window = self._decode_ids(seq.generated[seq.prefix_offset:])
-        if len(window) <= len(before) or window.endswith("\ufffd"):
-            return seq.decoded + window[len(before):]
-        seq.decoded += window[len(before):]
-        seq.prefix_offset, seq.read_offset = seq.read_offset, len(seq.generated)
-        return seq.decoded
-
-    def _event(self, seq: _Sequence, text: str) -> TokenEvent:
-        delta = text[len(seq.emitted_text):]
-        seq.emitted_text = text
-        if seq.finish_reason is not None:
-            self.stats.finished[seq.finish_reason] = self.stats.finished.get(seq.finish_reason, 0) + 1
-        logprobs, seq.pending_logprobs = tuple(seq.pending_logprobs), []
-        return TokenEvent(delta, len(seq.generated), seq.finish_reason, logprobs)
-
-    def _logprob_entry(self, sampled: SampledToken) -> dict:
-        return {"token": self._token_text(sampled.token), "logprob": sampled.logprob,
-                "top": [[self._token_text(token), logprob] for token, logprob in sampled.top]}
-
-    def _token_text(self, token: int) -> str:
-        """One token as text, special tokens included (what logprobs name)."""
-        if token not in self._token_texts:
-            self._token_texts[token] = self.tokenizer.decode([token])
-        return self._token_texts[token]
+def _failures(seqs: list[Sequence], err: Exception) -> list[Outcome]:
+    for seq in seqs:
+        seq.finish_reason = "error"
+    return [(seq, err) for seq in seqs]
 
 
 @dataclass
@@ -337,55 +276,3 @@ class EngineStats:
 
     def snapshot(self) -> dict:
         return {**self.__dict__, "finished": dict(self.finished), "batch_size_buckets": list(self.batch_size_buckets)}
-
-
-def _text_decoder(tokenizer) -> Callable[[list[int]], str]:
-    """`tokenizer.decode(ids, skip_special_tokens=True)`, straight to the Rust tokenizer when
-    the Python wrapper would add only its per-id type checks (most of the cost per token)."""
-    backend = getattr(tokenizer, "_tokenizer", None)
-    if backend is not None and not getattr(tokenizer, "clean_up_tokenization_spaces", True):
-        return partial(backend.decode, skip_special_tokens=True)
-    return partial(tokenizer.decode, skip_special_tokens=True)
-
-
-def _generator(seed: int | None) -> torch.Generator:
-    generator = torch.Generator()
-    if seed is None:
-        generator.seed()
-    else:
-        generator.manual_seed(seed)
-    return generator
-
-
-def _coalesce(event: TokenEvent | BaseException, queue: asyncio.Queue) -> TokenEvent:
-    """One event for everything already waiting in a request's queue: a consumer that fell
-    behind (a slow stream) gets one message per turn, not one per token."""
-    while isinstance(event, TokenEvent) and event.finish_reason is None and not queue.empty():
-        later = queue.get_nowait()
-        if isinstance(later, BaseException):
-            event = later
-            break
-        event = TokenEvent(event.text + later.text, later.completion_tokens, later.finish_reason,
-                           event.logprobs + later.logprobs)
-    if isinstance(event, BaseException):
-        raise event
-    return event
-
-
-def _first_stop(text: str, stops: tuple[str, ...]) -> int | None:
-    found = [i for i in (text.find(s) for s in stops) if i >= 0]
-    return min(found) if found else None
-
-
-def _held_back(text: str, stops: tuple[str, ...]) -> int:
-    """How many trailing characters to hold back: an incomplete UTF-8 character, or the
-    start of a stop string that the next tokens may complete."""
-    if text.endswith("\ufffd"):
-        return len(text) - len(text.rstrip("\ufffd"))
-    longest = 0
-    for stop in stops:
-        for n in range(min(len(stop) - 1, len(text)), longest, -1):
-            if text.endswith(stop[:n]):
-                longest = n
-                break
-    return longest

@@ -42,6 +42,7 @@ class ModelServer:
         model, tokenizer = await asyncio.to_thread(load_for_inference, model_dir, serve_config)
         self.engine = BatchingEngine(
             model, tokenizer, max_batch_size=serve_config.max_batch_size,
+            max_num_batched_tokens=serve_config.max_num_batched_tokens,
             context_length=context_length(Path(model_dir)),
             eos_token_ids=eos_token_ids(model, tokenizer), on_step=self._mark_changed,
             cuda_graphs=serve_config.cuda_graphs,
