@@ -47,8 +47,8 @@ def distill(config: Config, promote: bool = True, progress=None) -> DistillResul
     if promote:
         from raymed.promote import promote_best
 
-        promotion = promote_best([checkpoints_dir(run_config)], run_config, source=f"{run_config.run_name}/distill",
-                                 out_dir=run_dir(run_config) / "distill" / "promote")
+        promotion = promote_best([checkpoints_dir(run_config)], run_config, source=f"{run_config.run_name}/train",
+                                 out_dir=run_dir(run_config) / "promote")
     return DistillResult(run_config, result, promotion)
 
 
