@@ -33,8 +33,6 @@ def prepare_run(config: Config) -> Config:
     distillation's (RUN_SUFFIX)."""
     from transformers import AutoTokenizer
 
-    from raymed.pipeline import run_dir
-
     distill = config.distill
     if config.model.add_tokens:
         raise RaymedError("model.add_tokens adds tokens the teacher has no distribution over: distill with the "
@@ -43,13 +41,19 @@ def prepare_run(config: Config) -> Config:
     values = {"distill.teacher": str(teacher), "registry.name": distill.registry_name or f"{config.registry.name}-small",
               "run_name": config.run_name + RUN_SUFFIX}
     if distill.student_layers is not None:  # the student replaces the model section's model
-        student = write_layer_student(teacher, distill.student_layers,
-                                      run_dir(with_values(config, {"run_name": values["run_name"]})) / STUDENT_DIR)
+        student = write_layer_student(teacher, distill.student_layers, distill_dir(config) / STUDENT_DIR)
         values |= {"model.name": str(student), "model.init": "pretrained", "model.architecture": {},
                    "model.tokenizer": None}
     else:
         check_same_vocabulary(AutoTokenizer.from_pretrained(teacher), load_tokenizer(config.model), teacher)
     return with_values(config, values)
+
+
+def distill_dir(config: Config) -> Path:
+    """Where a distillation of `config`'s run lives: `runs/<run_name>-distill/`."""
+    from raymed.pipeline import run_dir
+
+    return run_dir(config).with_name(config.run_name + RUN_SUFFIX)
 
 
 def resolve_teacher(config: Config) -> Path:
