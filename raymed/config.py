@@ -319,6 +319,9 @@ class PipelineConfig(_Section):
 
     tune: bool = False
     """Train with a Ray Tune sweep (the `tune` section) instead of one fine-tune."""
+    distill: bool = False
+    """After the gate, distill the registry's current version into a student (the `distill`
+    section; its own registry model), before deploying."""
     question: str = Field("What are the common symptoms of iron deficiency anemia?", min_length=1)
     """The medical question sent to the served model once it is deployed."""
     max_tokens: int = Field(48, ge=1)

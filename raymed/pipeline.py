@@ -1,5 +1,6 @@
 """The end-to-end pipeline: assets → index → data → train (one fine-tune, or a sweep) → evaluate →
-promote → deploy → ask, all under one run directory, `<storage_path>/runs/<run_name>/`:
+promote → (distill) → deploy → ask, all under one run directory, `<storage_path>/runs/<run_name>/`
+(a distillation's own in `runs/<run_name>-distill/`):
 
     pipeline/<stage>.json   each stage's record: status, fingerprint, outputs, seconds
     pipeline/summary.json   the last run: per stage, ran or skipped, and its wall time
@@ -22,131 +23,23 @@ cluster, not on disk) run every time.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import shutil
 import time
 import urllib.request
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from raymed.config import Config
-from raymed.console import init_ray, running_stage, say
-from raymed.errors import RaymedError, last_line
+from raymed.console import init_ray, say
+from raymed.errors import RaymedError
 from raymed.index.build import index_stage
+from raymed.stages import Stage, StageRun, fingerprint, run_stages
 
 RECORDS_DIR = "pipeline"
 SUMMARY_FILE = "summary.json"
-
-
-class StageFailed(RaymedError):
-    """A stage raised: the message names the stage and the cause."""
-
-    def __init__(self, stage: str, cause: BaseException, completed: list[str]):
-        self.stage = stage
-        done = f"completed stages ({', '.join(completed)}) are skipped" if completed else "nothing completed yet"
-        super().__init__(f"pipeline stage {stage!r} failed: {last_line(cause)} "
-                         f"(rerun with the same run_name to continue from {stage}: {done})")
-
-
-@dataclass
-class Stage:
-    """One step of the pipeline. `run` takes the upstream stages' outputs (by name) and
-    returns this stage's outputs as JSON-able data; paths listed under `outputs["paths"]`
-    must still exist for the stage to count as complete."""
-
-    name: str
-    run: Callable[[dict[str, dict]], dict]
-    inputs: Callable[[], dict] | None
-    """What the stage depends on besides its upstream stages (config fields, data digests);
-    None for a stage that runs every time and is fingerprinted by its outputs."""
-    upstream: tuple[str, ...] = ()
-    clear: Callable[[], None] | None = None
-    """Removes the stage's outputs before it re-runs on changed inputs."""
-    still_true: Callable[[dict], bool] | None = None
-    """Whether a finished run's outputs still describe the world outside the run directory
-    (the registry's current version may have moved since the gate ran); when not, it runs again."""
-
-
-@dataclass
-class StageRun:
-    name: str
-    status: str  # "ran" or "skipped"
-    seconds: float
-    fingerprint: str
-    outputs: dict = field(repr=False)
-
-
-def fingerprint(value) -> str:
-    """SHA-256 of a JSON-able value (keys sorted, so dict order does not matter)."""
-    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def run_stages(stages: list[Stage], records: Path, log: Callable[[str], None] = say) -> dict[str, StageRun]:
-    """Run `stages` in order, skipping the complete ones whose fingerprint matches their
-    record; each stage's record is written to `records/<name>.json`. One line is logged
-    per stage, once it has run or been skipped."""
-    records.mkdir(parents=True, exist_ok=True)
-    done: dict[str, StageRun] = {}
-    for stage in stages:
-        upstream = {name: done[name].fingerprint for name in stage.upstream}
-        expected = fingerprint({"inputs": stage.inputs(), "upstream": upstream}) if stage.inputs else None
-        record = read_record(records, stage.name)
-        if expected and is_complete(record, expected) and (stage.still_true is None
-                                                            or stage.still_true(record["outputs"])):
-            log(f"[pipeline] {stage.name}: skipped (up to date, fingerprint {expected[:12]})")
-            done[stage.name] = StageRun(stage.name, "skipped", 0.0, expected, record["outputs"])
-            continue
-        changed = bool(expected and record and record["fingerprint"] != expected and stage.clear)
-        if changed:
-            stage.clear()
-        done[stage.name] = _run_one(stage, expected, done, records, log,
-                                    note=" (inputs changed: its earlier outputs were removed)" if changed else "")
-    return done
-
-
-def _run_one(stage: Stage, expected: str | None, done: dict[str, StageRun], records: Path,
-             log: Callable[[str], None], note: str = "") -> StageRun:
-    write_record(records, stage.name, {"status": "running", "fingerprint": expected})
-    started = time.monotonic()
-    try:
-        with running_stage(stage.name):
-            outputs = stage.run({name: done[name].outputs for name in stage.upstream})
-    except Exception as err:
-        write_record(records, stage.name, {"status": "failed", "fingerprint": expected, "error": last_line(err)})
-        raise StageFailed(stage.name, err, [name for name in done]) from err
-    seconds = time.monotonic() - started
-    final = expected or fingerprint({"outputs": outputs})
-    write_record(records, stage.name, {"status": "done", "fingerprint": final, "outputs": outputs,
-                                       "seconds": round(seconds, 2), "finished": time.time()})
-    log(f"[pipeline] {stage.name}: ran in {seconds:.1f} s{note}")
-    return StageRun(stage.name, "ran", seconds, final, outputs)
-
-
-def is_complete(record: dict | None, expected: str) -> bool:
-    """A finished record with this fingerprint whose output paths all still exist."""
-    return (record is not None and record.get("status") == "done" and record.get("fingerprint") == expected
-            and all(Path(p).exists() for p in record["outputs"].get("paths", [])))
-
-
-def read_record(records: Path, name: str) -> dict | None:
-    path = records / f"{name}.json"
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError:
-        return None  # a torn write: the stage runs again
-
-
-def write_record(records: Path, name: str, record: dict) -> None:
-    """Written to a temporary file and renamed, so a crash never leaves half a record."""
-    path = records / f"{name}.json"
-    temporary = path.with_suffix(".json.tmp")
-    temporary.write_text(json.dumps({"stage": name, **record}, indent=1) + "\n")
-    temporary.replace(path)
 
 
 # ---------------------------------------------------------------- raymed's stages
@@ -204,6 +97,7 @@ def raymed_stages(config: Config, log: Callable[[str], None]) -> list[Stage]:
               inputs=lambda: {"eval": c.eval.model_dump(), "registry": c.registry.model_dump(),
                               "storage": c.storage_path},
               still_true=lambda outputs: _registry_current(c) == outputs["current"]),
+        *([distill_stage_of(c, log)] if c.pipeline.distill else []),
         Stage("deploy", lambda up: deploy_stage(c), inputs=None, upstream=("promote",)),
         Stage("ask", lambda up: ask_stage(c, up["deploy"], up["promote"], log), inputs=None,
               upstream=("deploy", "promote")),
@@ -333,6 +227,34 @@ def promote_stage(config: Config, trained: dict, evaluated: dict, log: Callable[
     return {"accepted": result.accepted, "reason": result.reason, "version": result.version,
             "previous": result.previous, "current": result.current, "report": str(result.report_path),
             "paths": [str(result.report_path)]}
+
+
+def distill_stage_of(config: Config, log: Callable[[str], None]) -> Stage:
+    """With `pipeline.distill`: the registry's current version (as the gate left it) taught
+    to the `distill` section's student, gated into the student's own registry model."""
+    from raymed.distill.student import distill_dir
+
+    c = config
+    return Stage("distill", lambda up: distill_stage(c, log), upstream=("data", "promote"),
+                 clear=lambda: _remove(distill_dir(c)),
+                 inputs=lambda: {"distill": c.distill.model_dump(), "model": c.model.model_dump(),
+                                 "train": c.train.model_dump(), "eval": c.eval.model_dump(),
+                                 "registry": c.registry.model_dump(), "storage": c.storage_path, "seed": c.seed})
+
+
+def distill_stage(config: Config, log: Callable[[str], None]) -> dict:
+    """Distill on the data stage's blocks (the student has the teacher's vocabulary), then
+    the student's gate."""
+    from raymed.distill.run import distill, serve_hint
+    from raymed.train.progress import training_progress
+
+    init_ray()
+    done = distill(config, progress=training_progress, datasets=load_blocks(config))
+    log(f"[pipeline] student gate: {done.promotion.reason}")
+    log(f"[pipeline] {serve_hint(done.config, done.promotion.current)}")
+    return {"registry": done.config.registry.name, "accepted": done.promotion.accepted,
+            "current": done.promotion.current, "report": str(done.promotion.report_path),
+            "paths": [str(done.promotion.report_path)]}
 
 
 def deploy_stage(config: Config) -> dict:

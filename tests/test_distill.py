@@ -110,6 +110,7 @@ def test_a_student_with_another_tokenizer_is_refused(tiny_model, tmp_path):
     # The same tokenizer passes, and the run trains the model section into the student's own registry.
     prepared = prepare_run(load_config("ci-tiny", common))
     assert (prepared.distill.teacher, prepared.registry.name) == (str(teacher.resolve()), "medical-assistant-small")
+    assert prepared.run_name == "ci-tiny-distill"  # its own run directory, apart from the fine-tune's
 
 
 def _run_args(tmp_path: Path, corpus: Path, name: str) -> list[str]:
@@ -131,11 +132,14 @@ def test_alpha_zero_matches_fine_tuning_and_an_equal_teacher_starts_at_zero_kd(r
     model = ["model.init=pretrained", "model.architecture={}", "model.tokenizer=null", f"model.name={teacher}"]
     plain = load_config("ci-tiny", [*_run_args(tmp_path, corpus, "plain"), *model])
     assert fit(plain, build_datasets(plain)[0]).error is None
-    distilled = load_config("ci-tiny", [*_run_args(tmp_path, corpus, "alpha0"), *model,
+    # The same run_name and storage: the distillation must start afresh, not resume the fine-tune.
+    distilled = load_config("ci-tiny", [*_run_args(tmp_path, corpus, "plain"), *model,
                                         f"distill.teacher={teacher}", "distill.alpha=0"])
     done = distill(distilled, promote=False)
     assert done.result.error is None and done.promotion is None
-    fine_tuned, steps = _logged(plain), _logged(distilled)
+    assert train_dir(done.config) == tmp_path / "plain" / "runs" / "plain-distill" / "train"
+    fine_tuned, steps = _logged(plain), _logged(done.config)
+    assert [s["step"] for s in steps] == [s["step"] for s in fine_tuned] == [1, 2, 3, 4]
     assert [s["train_loss"] for s in steps] == pytest.approx([s["train_loss"] for s in fine_tuned], abs=1e-5)
     assert [s["ce_loss"] for s in steps] == pytest.approx([s["train_loss"] for s in steps], abs=1e-6)
     assert steps[0]["kd_loss"] == pytest.approx(0, abs=1e-5)
@@ -166,6 +170,6 @@ def test_half_the_layers_distilled_under_fsdp_lower_kd_and_promote_a_loadable_st
     assert student.config.num_hidden_layers == 2
     registry = Registry.for_config(done.config)
     assert registry.name == "medical-assistant-small" and registry.versions()[0] == "v1"
-    assert registry.manifest("v1")["base_model"] == str(tmp_path / "half" / "runs" / "half" / "distill" / "student")
+    assert registry.manifest("v1")["base_model"] == str(tmp_path / "half" / "runs" / "half-distill" / "student")
     assert done.promotion.previous == "v1" and "val_loss" in done.promotion.reason
     assert not (Path(done.config.storage_path) / "registry" / "medical-assistant").exists()  # the teacher's: untouched

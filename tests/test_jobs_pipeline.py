@@ -111,21 +111,28 @@ def test_pipeline_job_runs_resumes_and_reruns_what_changed(head, default_assets,
             "--set", "train.num_workers=1", "--set", "train.max_steps=4", "--set", "train.warmup_steps=1",
             "--set", "train.eval_every=2", "--set", "eval.max_items=8", "--set", f"serve.port={port}",
             "--set", "pipeline.max_tokens=8"]
+    distilling = ["--set", "pipeline.distill=true", "--set", "distill.student_layers=[0]"]
 
-    succeeded, logs = head.submit("pipeline-1", *args)
+    succeeded, logs = head.submit("pipeline-1", *args, *distilling)
     assert succeeded, logs[-3000:]
     assert "[pipeline] answer from medical-assistant v1, promoted from this run's candidate" in logs
     first = records(storage)
     assert {name: r["status"] for name, r in first.items()} == dict.fromkeys(
-        ["assets", "index", "data", "train", "evaluate", "promote", "deploy", "ask"], "done")
+        ["assets", "index", "data", "train", "evaluate", "promote", "distill", "deploy", "ask"], "done")
+    # the promoted version, distilled into its one-layer student, gated into the student's own registry
+    assert "[pipeline] student gate: " in logs and "serve the student: raymed serve" in logs
+    student = first["distill"]["outputs"]
+    assert student["registry"] == "medical-assistant-small"
+    assert (storage / "registry" / "medical-assistant-small" / student["current"]).is_dir()
+    assert (storage / "runs" / f"{RUN}-distill" / "student" / "config.json").is_file()
     answer = ask(port)  # the deployment outlives the job
     assert answer["model"] == "medical-assistant" and answer["usage"]["completion_tokens"] >= 1
     (v1_scores,) = storage.glob("registry/*/scores/v1/*.json")  # cached at v1's promotion
     cached_at = v1_scores.stat().st_mtime_ns
 
-    succeeded, logs = head.submit("pipeline-2", *args)
+    succeeded, logs = head.submit("pipeline-2", *args, *distilling)
     assert succeeded, logs[-3000:]
-    for stage in ("data", "train", "evaluate", "promote"):
+    for stage in ("data", "train", "evaluate", "promote", "distill"):
         assert f"[pipeline] {stage}: skipped" in logs
         assert records(storage)[stage]["finished"] == first[stage]["finished"]
 

@@ -14,7 +14,8 @@ import pytest
 
 from raymed.config import load_config
 from raymed.errors import RaymedError
-from raymed.pipeline import Stage, StageFailed, complete_answer, raymed_stages, read_record, run_stages
+from raymed.pipeline import complete_answer, raymed_stages
+from raymed.stages import Stage, StageFailed, read_record, run_stages
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -194,6 +195,13 @@ def test_each_raymed_stage_depends_on_its_own_config_fields(tmp_path):
     for override, expected in changed.items():
         now = inputs(override)
         assert {name for name in reference if now[name] != reference[name]} == expected, override
+    # pipeline.distill adds the distill stage after the gate; it follows the fine-tune's fields and its own
+    with_distill = inputs("pipeline.distill=true")
+    names = [s.name for s in raymed_stages(load_config("ci-tiny", [*base, "pipeline.distill=true"]), log=print)]
+    assert names.index("distill") == names.index("promote") + 1 and names[-2:] == ["deploy", "ask"]
+    assert {name: value for name, value in with_distill.items() if name != "distill"} == reference
+    for override, moves in {"distill.alpha=0.2": True, "train.lr=0.002": True, "serve.port=9000": False}.items():
+        assert (inputs("pipeline.distill=true", override)["distill"] != with_distill["distill"]) is moves, override
     corpus.write_text(corpus.read_text() + json.dumps({"question": "Asthma?", "answer": "A lung disease."}) + "\n")
     # the corpus's content is the data stage's input; later stages follow through upstream fingerprints
     assert {name for name, value in inputs().items() if value != reference[name]} == {"data"}

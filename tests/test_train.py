@@ -232,7 +232,7 @@ def test_the_loss_weighs_every_labelled_token_alike_across_micro_batches_and_ran
     configs = {way: load_config("ci-tiny", [*base, *extra, f"storage_path={tmp_path / way}", f"run_name={way}"])
                for way, extra in ways.items()}
     datasets, _ = build_datasets(configs["one_batch_of_4"])
-    counts = [int((torch.as_tensor(row["labels"])[1:] != -100).sum()) for row in datasets["train"].take(4)]
+    counts = [int((torch.tensor(row["labels"])[1:] != -100).sum()) for row in datasets["train"].take(4)]
     assert counts[0] + counts[1] != counts[2] + counts[3]  # the halves weigh differently by token count
 
     weights, losses = {}, {}

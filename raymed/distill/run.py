@@ -28,11 +28,12 @@ class DistillResult:
     """The gate's decision (None with `promote=False`)."""
 
 
-def distill(config: Config, promote: bool = True, progress=None) -> DistillResult:
+def distill(config: Config, promote: bool = True, progress=None, datasets: dict | None = None) -> DistillResult:
     """Distill `config.distill.teacher` into the student on the data stage's blocks; with
     `promote`, gate the run's checkpoints against the student registry's current version
     (its v1: the student as it started, registered on first use) and promote the best.
-    `progress(config)` wraps the training (a context manager: the CLI's progress bar)."""
+    `progress(config)` wraps the training (a context manager: the CLI's progress bar);
+    `datasets`: the data stage's blocks when they are built already (the pipeline's)."""
     from contextlib import nullcontext
 
     from raymed.data.pipeline import build_datasets
@@ -40,15 +41,16 @@ def distill(config: Config, promote: bool = True, progress=None) -> DistillResul
     from raymed.train import checkpoints_dir, fit
 
     run_config = prepare_run(config)
-    datasets, _ = build_datasets(run_config)
+    if datasets is None:
+        datasets, _ = build_datasets(run_config)
     with progress(run_config) if progress else nullcontext():
         result = fit(run_config, datasets, loop=distill_loop_per_worker)
     promotion = None
     if promote:
         from raymed.promote import promote_best
 
-        promotion = promote_best([checkpoints_dir(run_config)], run_config, source=f"{run_config.run_name}/distill",
-                                 out_dir=run_dir(run_config) / "distill" / "promote")
+        promotion = promote_best([checkpoints_dir(run_config)], run_config, source=f"{run_config.run_name}/train",
+                                 out_dir=run_dir(run_config) / "promote")
     return DistillResult(run_config, result, promotion)
 
 

@@ -17,33 +17,43 @@ from raymed.errors import RaymedError
 from raymed.registry import VERSION, Registry
 from raymed.train.model import decoder_layers, load_tokenizer
 
-STUDENT_DIR = "distill/student"
-"""Where, under the run directory, a student taken from the teacher's layers is written."""
+RUN_SUFFIX = "-distill"
+"""A distillation of run `r` lives in `runs/r-distill/` (its student, checkpoints and gate),
+apart from `r`'s fine-tune: a rerun resumes the distillation, never the fine-tune."""
+STUDENT_DIR = "student"
+"""Where, under the distillation's run directory, a student taken from the teacher's layers is written."""
 
 
 def prepare_run(config: Config) -> Config:
     """The config a distillation trains with: `distill.teacher` pinned to the teacher's
     directory (resolved once, here, so every worker and every retry uses the same one),
-    `model` naming the student (with `distill.student_layers`, a directory written under
-    the run's `distill/student/`, in place of the model section's name, init, architecture
-    and tokenizer), and `registry.name` the student's own."""
+    `model` naming the student (with `distill.student_layers`, the directory
+    `runs/<run_name>-distill/student/`, in place of the model section's name, init,
+    architecture and tokenizer), `registry.name` the student's own and `run_name` the
+    distillation's (RUN_SUFFIX)."""
     from transformers import AutoTokenizer
-
-    from raymed.pipeline import run_dir
 
     distill = config.distill
     if config.model.add_tokens:
         raise RaymedError("model.add_tokens adds tokens the teacher has no distribution over: distill with the "
                           "teacher's vocabulary (add task tokens when fine-tuning the student afterwards)")
     teacher = resolve_teacher(config)
-    values = {"distill.teacher": str(teacher), "registry.name": distill.registry_name or f"{config.registry.name}-small"}
+    values = {"distill.teacher": str(teacher), "registry.name": distill.registry_name or f"{config.registry.name}-small",
+              "run_name": config.run_name + RUN_SUFFIX}
     if distill.student_layers is not None:  # the student replaces the model section's model
-        student = write_layer_student(teacher, distill.student_layers, run_dir(config) / STUDENT_DIR)
+        student = write_layer_student(teacher, distill.student_layers, distill_dir(config) / STUDENT_DIR)
         values |= {"model.name": str(student), "model.init": "pretrained", "model.architecture": {},
                    "model.tokenizer": None}
     else:
         check_same_vocabulary(AutoTokenizer.from_pretrained(teacher), load_tokenizer(config.model), teacher)
     return with_values(config, values)
+
+
+def distill_dir(config: Config) -> Path:
+    """Where a distillation of `config`'s run lives: `runs/<run_name>-distill/`."""
+    from raymed.pipeline import run_dir
+
+    return run_dir(config).with_name(config.run_name + RUN_SUFFIX)
 
 
 def resolve_teacher(config: Config) -> Path:

@@ -186,7 +186,7 @@ def _this():
 def index_stage(config) -> dict:
     """The pipeline's `index` stage (after `assets`): build the index when it is missing, stale
     or damaged, else a checksum check. Fingerprinted by its files, like the assets stage."""
-    from raymed.pipeline import fingerprint
+    from raymed.stages import fingerprint
 
     manifest = build_index(config.index)
     say(f"[pipeline] index {config.index.name}: {manifest['state']} ({manifest['summary']['passages']} passages)")
