@@ -57,6 +57,17 @@ class Gate:
         return self._waiting
 
 
+def tiny_engine_model(default_assets: Path):
+    """A tiny Llama (seed 0, random weights) with the default tokenizer: (model, tokenizer)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+
+    tokenizer = AutoTokenizer.from_pretrained(default_assets / "models" / "smollm2-135m-instruct")
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=49152, **TINY_ARCHITECTURE)
+    return AutoModelForCausalLM.from_config(config).eval(), tokenizer
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -7,7 +7,7 @@ import asyncio
 
 import pytest
 import torch
-from serve_support import TINY_ARCHITECTURE
+from serve_support import tiny_engine_model
 
 from raymed.serve.engine import BatchingEngine, SamplingParams
 
@@ -16,12 +16,7 @@ pytestmark = pytest.mark.slow  # 15-35 s on 2 cores: model forwards plus plain `
 
 @pytest.fixture(scope="module")
 def model_and_tokenizer(default_assets):
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
-
-    tokenizer = AutoTokenizer.from_pretrained(default_assets / "models" / "smollm2-135m-instruct")
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=49152, **TINY_ARCHITECTURE)
-    return AutoModelForCausalLM.from_config(config).eval(), tokenizer
+    return tiny_engine_model(default_assets)
 
 
 def make_engine(model_and_tokenizer, max_batch_size=3, eos=frozenset()):

@@ -11,7 +11,7 @@ from functools import wraps
 
 import pytest
 import torch
-from serve_support import TINY_ARCHITECTURE
+from serve_support import tiny_engine_model
 
 from raymed.serve.engine import BatchingEngine, SamplingParams
 from raymed.serve.prefill import Prefiller
@@ -24,12 +24,7 @@ LONG = ("The patient, a 54-year-old man with a history of hypertension and type 
 
 @pytest.fixture(scope="module")
 def model_and_tokenizer(default_assets):
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
-
-    tokenizer = AutoTokenizer.from_pretrained(default_assets / "models" / "smollm2-135m-instruct")
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=49152, **TINY_ARCHITECTURE)
-    return AutoModelForCausalLM.from_config(config).eval(), tokenizer
+    return tiny_engine_model(default_assets)
 
 
 def make_engine(model_and_tokenizer, budget, max_batch_size=4):
