@@ -12,8 +12,11 @@ fields; `--compare-sampling` runs every level three ways in the same run (greedy
 temperature 0.7, top_p 0.9, frequency penalty 0.5; greedy with logprobs, top 5) and reports
 each one's tokens/s against greedy. `--compare-grounding` runs every level with grounding off
 and on (the `"grounding"` request extension; the server must have grounding on) and reports
-the grounded level's end-to-end and first-token latency p50 over the ungrounded one's. Works the same against a GPU deployment (the baseline
-then runs on the GPU too).
+the grounded level's end-to-end and first-token latency p50 over the ungrounded one's.
+`--burst N` times instead a short prompt's first token when it arrives `--burst-delay` s
+after N long prompts (`--prompt-chars`), against the same prompt's first token on the idle
+server (its own prefill), `--burst-rounds` times. Works the same against a GPU deployment
+(the baseline then runs on the GPU too).
 """
 
 from __future__ import annotations
@@ -32,6 +35,10 @@ import aiohttp
 
 def main() -> None:
     args = _parser().parse_args()
+    if args.burst:
+        report = asyncio.run(short_behind_burst(args))
+        print(json.dumps(report, indent=2))
+        return
     most = max(args.concurrency) * args.rounds if args.rounds else args.requests
     prompts = load_prompts(max(most, args.baseline_requests or 0), *args.prompt_chars)
     model = args.model or asyncio.run(served_model_name(args.url, args.api_key))
@@ -85,6 +92,10 @@ def _parser() -> argparse.ArgumentParser:
                         help="run each level with grounding off and on (see the module docstring)")
     parser.add_argument("--prompt-chars", type=int, nargs=2, default=(0, None), metavar=("MIN", "MAX"),
                         help="prompt length range in characters (about 4 per token)")
+    parser.add_argument("--burst", type=int, metavar="N", help="time a short prompt behind N long ones "
+                        "(see the module docstring)")
+    parser.add_argument("--burst-delay", type=float, default=0.5, help="seconds between the burst and the short prompt")
+    parser.add_argument("--burst-rounds", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=2, help="requests sent before each level, not counted")
     parser.add_argument("--baseline-model", help="also time plain `generate`, one request at a time, on this "
                         "model (a cached name or directory): the baseline the ratio is against")
@@ -154,6 +165,37 @@ async def run_level(args, model: str, prompts: list[str], concurrency: int) -> d
         "generated_tokens": tokens, "generated_tokens_per_s": round(tokens / wall, 2),
         "ttft_s": percentiles([r["ttft_s"] for r in ok]), "e2e_s": percentiles([r["e2e_s"] for r in ok]),
     }
+
+
+async def short_behind_burst(args) -> dict:
+    """The short prompt's TTFT alone and behind each burst of `args.burst` long prompts."""
+    model = args.model or await served_model_name(args.url, args.api_key)
+    short = load_prompts(1)[0]
+    longs = load_prompts(args.burst, *args.prompt_chars)
+    first_token = argparse.Namespace(**{**vars(args), "stream": True, "max_tokens": 1})
+    timeout = aiohttp.ClientTimeout(total=600)
+    async with aiohttp.ClientSession(headers=_headers(args.api_key), timeout=timeout) as session:
+        for prompt in (short, *longs[:1]):  # warm-up, not counted
+            await one_request(session, first_token, model, prompt)
+        alone, behind, long_ttft = [], [], []
+        for _ in range(args.burst_rounds):
+            alone.append(_ttft(await one_request(session, first_token, model, short)))
+            burst = [asyncio.create_task(one_request(session, args, model, p)) for p in longs]
+            await asyncio.sleep(args.burst_delay)
+            behind.append(_ttft(await one_request(session, first_token, model, short)))
+            long_ttft += [_ttft(result) for result in await asyncio.gather(*burst)]
+    ratios = [round(b / a, 2) for a, b in zip(alone, behind)]
+    return {"url": args.url, "model": model, "machine": machine(), "long_prompts": args.burst,
+            "long_prompt_chars": args.prompt_chars, "short_prompt_chars": len(short),
+            "burst_delay_s": args.burst_delay, "short_ttft_alone_s": alone, "short_ttft_behind_burst_s": behind,
+            "ratio": ratios, "ratio_median": statistics.median(ratios),
+            "long_ttft_s": percentiles(long_ttft), "load_avg_at_end": [round(x, 2) for x in os.getloadavg()]}
+
+
+def _ttft(result: dict) -> float:
+    if result["error"] is not None:
+        raise SystemExit(f"a request failed: {result['error']}")
+    return result["ttft_s"]
 
 
 SAMPLING_VARIANTS = {

@@ -34,7 +34,8 @@ class ServeConfig(Section):
     model_name: str | None = None
     """The name clients put in `model` (and `/v1/models` lists); default: the directory's name."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    """Weights' dtype on the replicas; `auto`: bfloat16 on a GPU, float32 on CPU."""
+    """Weights' dtype on the replicas; `auto`: bfloat16 on a GPU and on a CPU with native
+    bfloat16 arithmetic (AVX512-BF16 or AMX), float32 on other CPUs."""
     min_replicas: int = Field(1, ge=0)
     max_replicas: int = Field(1, ge=1)
     target_ongoing_requests: float = Field(8, gt=0)
@@ -61,6 +62,10 @@ class ServeConfig(Section):
     max_num_batched_tokens: int = Field(512, ge=2)
     """Tokens one engine step processes (a decode token per running sequence, then prompt
     tokens); a longer prompt is prefilled in chunks across steps. More than max_batch_size."""
+    long_prefill_token_threshold: int | None = Field(None, ge=1)
+    """A prompt with more tokens than this is prefilled in chunks of at most this many, one
+    chunk per step, while the running sequences decode and short prompts go first. Unset:
+    max_num_batched_tokens on a GPU, 64 on a CPU (where a step's time grows with its tokens)."""
     cuda_graphs: bool = True
     """On a GPU replica, replay each decode step as a CUDA graph (one per batch-size bucket,
     captured on first use) instead of launching its kernels one by one from Python."""

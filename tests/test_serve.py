@@ -34,7 +34,8 @@ def url(ray_cluster, tiny_model_dir):
     from raymed.serve.app import build_application
 
     config = load_config(None, [f"serve.model={tiny_model_dir}", "serve.num_cpus=1", "serve.max_batch_size=8",
-                                "serve.default_max_tokens=16", "serve.max_body_bytes=100000"])
+                                "serve.default_max_tokens=16", "serve.max_body_bytes=100000",
+                                "serve.dtype=float32"])  # the reference below is float32 `generate`
     yield start_app(build_application(config), free_port())
     serve.shutdown()
 

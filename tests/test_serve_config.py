@@ -68,6 +68,20 @@ def test_a_directory_without_a_model_is_refused_clearly(tmp_path, capsys):
     assert "not a Hugging Face model directory" in capsys.readouterr().err
 
 
+def test_auto_dtype_is_bfloat16_where_the_hardware_multiplies_it_natively(tmp_path, tiny_model):
+    import torch
+
+    from raymed.serve.model_source import cpu_has_native_bfloat16, load_for_inference, serving_dtype
+
+    model_dir = str(tiny_model.save(tiny_model(0), tmp_path / "model"))
+    cpu_auto = torch.bfloat16 if cpu_has_native_bfloat16() else torch.float32
+    auto_model, _ = load_for_inference(model_dir, load_config(None, []).serve)
+    assert next(auto_model.parameters()).dtype == cpu_auto
+    assert serving_dtype("auto", on_gpu=True) == torch.bfloat16
+    pinned, _ = load_for_inference(model_dir, load_config(None, ["serve.dtype=float32"]).serve)
+    assert next(pinned.parameters()).dtype == torch.float32
+
+
 def test_a_model_directory_is_served_under_its_name_with_its_context(tmp_path):
     from raymed.serve.model_source import served_model
 

@@ -42,7 +42,8 @@ def url(ray_cluster, model_dir):
 
     config = load_config(None, [f"serve.model={model_dir}", "serve.num_cpus=1", "serve.max_batch_size=8",
                                 "serve.default_max_tokens=8", "serve.max_body_bytes=20000000",
-                                "serve.default_repetition_penalty=1.0"])
+                                "serve.default_repetition_penalty=1.0",
+                                "serve.dtype=float32"])  # the references below are float32 `generate`
     yield start_app(build_application(config), free_port())
     serve.shutdown()
 

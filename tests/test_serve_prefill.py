@@ -7,6 +7,7 @@ else is in the batch."""
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 from functools import wraps
 
 import pytest
@@ -14,7 +15,8 @@ import torch
 from serve_support import tiny_engine_model
 
 from raymed.serve.engine import BatchingEngine, SamplingParams
-from raymed.serve.prefill import Prefiller
+from raymed.serve.prefill import Prefiller, PrefillPlan
+from raymed.serve.sequences import Sequence
 
 pytestmark = pytest.mark.slow  # ~20 s on 2 cores: tiny-model steps plus `generate` references
 
@@ -27,10 +29,10 @@ def model_and_tokenizer(default_assets):
     return tiny_engine_model(default_assets)
 
 
-def make_engine(model_and_tokenizer, budget, max_batch_size=4):
+def make_engine(model_and_tokenizer, budget, max_batch_size=4, threshold=None):
     model, tokenizer = model_and_tokenizer
     return BatchingEngine(model, tokenizer, max_batch_size=max_batch_size, context_length=2048,
-                          eos_token_ids=set(), max_num_batched_tokens=budget)
+                          eos_token_ids=set(), max_num_batched_tokens=budget, long_prefill_token_threshold=threshold)
 
 
 def reference(model_and_tokenizer, prompt_ids, max_tokens):
@@ -69,8 +71,8 @@ def test_a_prompt_prefilled_in_chunks_answers_as_in_one_piece_while_others_decod
     assert len(long_ids) > 3 * 12
     chunks = count_chunks(monkeypatch)
 
-    async def main(budget):
-        engine = make_engine(model_and_tokenizer, budget)
+    async def main(budget, threshold=None):
+        engine = make_engine(model_and_tokenizer, budget, threshold=threshold)
         short = engine.generate("short", short_ids, greedy(60))
         first = short_tokens = (await anext(short)).completion_tokens
         long_task = asyncio.create_task(collect(engine, "long", long_ids, greedy(8)))
@@ -88,6 +90,26 @@ def test_a_prompt_prefilled_in_chunks_answers_as_in_one_piece_while_others_decod
     assert last.finish_reason == "length"
     assert len(chunks) >= 3 and sum(chunks) == len(long_ids) and max(chunks) <= 12 - 1
     assert short_gained >= len(chunks) - 1  # the short request decoded in every step of the long prefill
+    chunks.clear()
+    (by_threshold, _), _ = asyncio.run(main(budget=512, threshold=8))  # the budget has room; the threshold cuts
+    assert by_threshold == one_piece
+    assert sum(chunks) == len(long_ids) and max(chunks) == 8
+
+
+def test_short_prompts_go_before_the_next_chunk_of_a_long_one_but_cannot_starve_it():
+    """Planning alone (no model): a long prompt is cut at the threshold; a step with short
+    newcomers skips the chunk, but never two steps running."""
+    prefiller = Prefiller(None, "cache", 0, max_rows=8, max_tokens=512, chunk_tokens=64)
+    waiting = deque([Sequence("long", list(range(1, 301)), greedy(4))])
+    assert prefiller.plan(waiting, running=0) == PrefillPlan([], 64)
+    prefiller._chunk_done = 64
+    shorts = [Sequence(f"short{i}", [1, 2, 3], greedy(4)) for i in range(3)]
+    plans = []
+    for short in shorts:  # a short newcomer before every step
+        waiting.append(short)
+        plans.append(prefiller.plan(waiting, running=1 + len(plans)))
+    assert [(len(plan.whole), plan.chunk_tokens) for plan in plans] == [(1, 0), (1, 64), (1, 0)]
+    assert prefiller.chunking.request_id == "long"
 
 
 def test_mixed_prompt_lengths_answer_as_one_at_a_time_generate(model_and_tokenizer):

@@ -3,7 +3,8 @@
 Requests wait in a queue. Each step decodes one token for every running sequence and, in
 the same step, prefills prompts within what is left of the step's token budget
 (`serve.max_num_batched_tokens`; raymed.serve.prefill): short prompts whole, a long one in
-chunks across steps, so the running sequences keep decoding meanwhile. A finished prefill's
+chunks across steps (`serve.long_prefill_token_threshold`), so the running sequences keep
+decoding meanwhile. A finished prefill's
 keys and values are copied into free slots of the running batch (raymed.serve.slots, where
 a GPU's decode step is a replayed CUDA graph); finished or cancelled requests free theirs.
 A prefill that fails fails only its own requests. Every row's next token comes from one
@@ -38,6 +39,9 @@ logger = logging.getLogger("ray.serve")
 
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 DEFAULT_MAX_NUM_BATCHED_TOKENS = ServeConfig.model_fields["max_num_batched_tokens"].default
+CPU_LONG_PREFILL_TOKENS = 64
+"""A CPU's default chunk: there a forward costs about the same per token at any length, so
+a step with a 64-token chunk delays a short newcomer about as long as its own prefill."""
 
 Outcome = tuple[Sequence, TokenEvent | Exception]
 
@@ -47,6 +51,7 @@ class BatchingEngine:
 
     def __init__(self, model, tokenizer, *, max_batch_size: int, context_length: int, eos_token_ids: set[int],
                  max_num_batched_tokens: int = DEFAULT_MAX_NUM_BATCHED_TOKENS,
+                 long_prefill_token_threshold: int | None = None,
                  on_step: Callable[[], None] | None = None, cuda_graphs: bool = False):
         if max_num_batched_tokens <= max_batch_size:
             raise ValueError(f"max_num_batched_tokens ({max_num_batched_tokens}) must be more than "
@@ -67,8 +72,11 @@ class BatchingEngine:
         self._loop_task: asyncio.Task | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="raymed-decode")
         self._cache_arg = cache_argument(model)
+        if long_prefill_token_threshold is None:  # a GPU's forward costs about the same up to the budget
+            long_prefill_token_threshold = (max_num_batched_tokens if model.device.type == "cuda"
+                                            else CPU_LONG_PREFILL_TOKENS)
         self._prefiller = Prefiller(model, self._cache_arg, tokenizer.pad_token_id or 0, max_batch_size,
-                                    max_num_batched_tokens)
+                                    max_num_batched_tokens, long_prefill_token_threshold)
         self._texts = Texts(tokenizer)
 
     async def prompt_logprobs(self, prompt_ids: list[int], top: int) -> list[dict]:

@@ -3,10 +3,12 @@
 Each engine step decodes one token for every running sequence and spends what is left of
 the budget on prompts: first those that fit whole (run as one left-padded batch, padding
 counted), then the next chunk of at most one long prompt, whose keys and values stay in its
-own cache between steps until its last chunk runs. So a long prompt never stalls the
-decoding sequences for longer than one budget's worth of tokens, and a short prompt that
-arrives behind it does not wait for it. While a long prompt is being chunked, whole prompts
-take at most half the budget, so neither kind starves the other.
+own cache between steps until its last chunk runs. A prompt is long when it has more than
+`serve.long_prefill_token_threshold` tokens (vLLM's name) or does not fit the step; its chunks
+are at most that long. So a long prompt never stalls the decoding sequences for longer than
+one chunk, and a short prompt that arrives behind it does not wait for it: a step that
+prefills whole prompts skips the chunk, unless the chunk was skipped in the step before, so
+neither kind starves the other (and whole prompts then take at most half the budget).
 """
 
 from __future__ import annotations
@@ -35,26 +37,29 @@ class Prefiller:
     """Plans each step's prefill work (on the event loop, between steps) and runs it (on
     the decode thread); see the module docstring."""
 
-    def __init__(self, model, cache_arg: str, pad_token_id: int, max_rows: int, max_tokens: int):
+    def __init__(self, model, cache_arg: str, pad_token_id: int, max_rows: int, max_tokens: int, chunk_tokens: int):
         self.model, self.cache_arg, self.pad_token_id = model, cache_arg, pad_token_id
-        self.max_rows, self.max_tokens = max_rows, max_tokens
+        self.max_rows, self.max_tokens, self.chunk_tokens = max_rows, max_tokens, chunk_tokens
         self.chunking: Sequence | None = None
         self._chunk_cache = None
         self._chunk_done = 0  # prompt tokens of `chunking` already in its cache
+        self._chunk_skipped = False  # the last step prefilled whole prompts instead of the chunk
 
     def plan(self, waiting: deque[Sequence], running: int) -> PrefillPlan:
         """Take this step's prompts out of `waiting` (dropping cancelled ones); `running`
         sequences decode a token each in the same step."""
         budget = self.max_tokens - running
+        longest_whole = min(budget, self.chunk_tokens)
         rows = self.max_rows - running - (self.chunking is not None)
         if self.chunking is None and rows > 0:
-            self.chunking = _take_first(waiting, lambda seq: len(seq.prompt_ids) > budget)
+            self.chunking = _take_first(waiting, lambda seq: len(seq.prompt_ids) > longest_whole)
             rows -= self.chunking is not None
-        whole = _take_whole(waiting, rows, budget // 2 if self.chunking is not None else budget)
+        whole = _take_whole(waiting, rows, budget // 2 if self.chunking is not None else budget, longest_whole)
         used = len(whole) * max((len(seq.prompt_ids) for seq in whole), default=0)
         chunk_tokens = 0
-        if self.chunking is not None:
-            chunk_tokens = min(len(self.chunking.prompt_ids) - self._chunk_done, budget - used)
+        if self.chunking is not None and (self._chunk_skipped or not whole):
+            chunk_tokens = min(len(self.chunking.prompt_ids) - self._chunk_done, budget - used, self.chunk_tokens)
+        self._chunk_skipped = self.chunking is not None and chunk_tokens == 0
         return PrefillPlan(whole, chunk_tokens)
 
     def forget_chunk(self) -> Sequence | None:
@@ -116,16 +121,16 @@ def _take_first(waiting: deque[Sequence], wanted) -> Sequence | None:
     return None
 
 
-def _take_whole(waiting: deque[Sequence], rows: int, budget: int) -> list[Sequence]:
-    """Remove, in arrival order, the prompts that fit whole into `rows` rows and `budget`
-    padded tokens; the others keep their places."""
+def _take_whole(waiting: deque[Sequence], rows: int, budget: int, longest: int) -> list[Sequence]:
+    """Remove, in arrival order, the prompts of at most `longest` tokens that fit whole into
+    `rows` rows and `budget` padded tokens; the others keep their places."""
     taken, width, kept = [], 0, deque()
     while waiting:
         seq = waiting.popleft()
         if seq.cancelled:
             continue
         wider = max(width, len(seq.prompt_ids))
-        if len(taken) < rows and wider * (len(taken) + 1) <= budget:
+        if len(taken) < rows and len(seq.prompt_ids) <= longest and wider * (len(taken) + 1) <= budget:
             taken.append(seq)
             width = wider
         else:

@@ -43,6 +43,7 @@ class ModelServer:
         self.engine = BatchingEngine(
             model, tokenizer, max_batch_size=serve_config.max_batch_size,
             max_num_batched_tokens=serve_config.max_num_batched_tokens,
+            long_prefill_token_threshold=serve_config.long_prefill_token_threshold,
             context_length=context_length(Path(model_dir)),
             eos_token_ids=eos_token_ids(model, tokenizer), on_step=self._mark_changed,
             cuda_graphs=serve_config.cuda_graphs,
