@@ -61,12 +61,15 @@ def main() -> None:
     if args.compare_grounding:
         report["grounded_vs_ungrounded"] = grounded_vs_ungrounded(report["levels"])
     if args.baseline_model:
-        report["baseline"] = baseline(args.baseline_model, prompts[: args.baseline_requests], args.max_tokens,
-                                      args.baseline_threads, args.baseline_batch)
-        print(json.dumps({"baseline": report["baseline"]}), flush=True)
-        base = report["baseline"]["generated_tokens_per_s"]
-        report["speedup_vs_baseline"] = {f"{level['variant']} @ {level['concurrency']}":
-                                         round(level["generated_tokens_per_s"] / base, 2) for level in report["levels"]}
+        report["baselines"], report["speedup_vs_baseline"] = [], {}
+        for dtype in args.baseline_dtype:
+            report["baselines"].append(baseline(args.baseline_model, prompts[: args.baseline_requests],
+                                                args.max_tokens, args.baseline_threads, args.baseline_batch, dtype))
+            print(json.dumps({"baseline": report["baselines"][-1]}), flush=True)
+            base = report["baselines"][-1]["generated_tokens_per_s"]
+            report["speedup_vs_baseline"][report["baselines"][-1]["dtype"]] = {
+                f"{level['variant']} @ {level['concurrency']}": round(level["generated_tokens_per_s"] / base, 2)
+                for level in report["levels"]}
     report["load_avg_at_end"] = [round(x, 2) for x in os.getloadavg()]
     print(json.dumps(report, indent=2))
 
@@ -105,6 +108,9 @@ def _parser() -> argparse.ArgumentParser:
                         "baseline, left-padded (default 1: one request at a time)")
     parser.add_argument("--no-stream", dest="stream", action="store_false",
                         help="non-streaming requests (TTFT is then the whole latency)")
+    parser.add_argument("--baseline-dtype", nargs="+", default=["auto"],
+                        choices=["auto", "float32", "bfloat16"], help="the baseline's dtype(s), each timed in "
+                        "turn (default auto: serve.dtype's rule, so like for like with a default server)")
     parser.add_argument("--baseline-threads", type=int, help="torch threads for the baseline (match the "
                         "replica's serve.num_cpus for a like-for-like ratio; default: torch's)")
     return parser
@@ -302,7 +308,7 @@ def percentiles(values: list[float]) -> dict:
 
 
 def baseline(model_name: str, prompts: list[str], max_tokens: int, threads: int | None = None,
-             batch: int = 1) -> dict:
+             batch: int = 1, dtype_name: str = "auto") -> dict:
     """Plain transformers `generate`, greedy, on the same prompts: `batch` at a time (left-padded)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -310,10 +316,11 @@ def baseline(model_name: str, prompts: list[str], max_tokens: int, threads: int 
     if threads:
         torch.set_num_threads(threads)
     from raymed.assets import resolve_pretrained
+    from raymed.serve.model_source import serving_dtype
 
     path = resolve_pretrained(model_name)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    dtype = serving_dtype(dtype_name, on_gpu=device == "cuda")
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left")
     if tokenizer.pad_token is None:
@@ -335,7 +342,7 @@ def baseline(model_name: str, prompts: list[str], max_tokens: int, threads: int 
     return {"requests": len(prompts), "batch": batch, "wall_s": round(wall, 2),
             "requests_per_s": round(len(prompts) / wall, 3), "generated_tokens": tokens,
             "generated_tokens_per_s": round(tokens / wall, 2), "e2e_s": percentiles(latencies),
-            "device": device, "torch_threads": torch.get_num_threads()}
+            "device": device, "dtype": str(dtype).removeprefix("torch."), "torch_threads": torch.get_num_threads()}
 
 
 def machine() -> dict:

@@ -65,7 +65,7 @@ class ServeConfig(Section):
     long_prefill_token_threshold: int | None = Field(None, ge=1)
     """A prompt with more tokens than this is prefilled in chunks of at most this many, one
     chunk per step, while the running sequences decode and short prompts go first. Unset:
-    max_num_batched_tokens on a GPU, 64 on a CPU (where a step's time grows with its tokens)."""
+    max_num_batched_tokens on a GPU, 128 on a CPU (where a step's time grows with its tokens)."""
     cuda_graphs: bool = True
     """On a GPU replica, replay each decode step as a CUDA graph (one per batch-size bucket,
     captured on first use) instead of launching its kernels one by one from Python."""
