@@ -4,9 +4,9 @@ Requests wait in a queue. Each step decodes one token for every running sequence
 the same step, prefills prompts within what is left of the step's token budget
 (`serve.max_num_batched_tokens`; raymed.serve.prefill): short prompts whole, a long one in
 chunks across steps (`serve.long_prefill_token_threshold`), so the running sequences keep
-decoding meanwhile. A finished prefill's
-keys and values are copied into free slots of the running batch (raymed.serve.slots, where
-a GPU's decode step is a replayed CUDA graph); finished or cancelled requests free theirs.
+decoding meanwhile. A finished prefill's keys and values are copied into free slots of the
+running batch (raymed.serve.slots, where a GPU's decode step is a replayed CUDA graph);
+finished or cancelled requests free theirs.
 A prefill that fails fails only its own requests. Every row's next token comes from one
 call of raymed.serve.sampling's BatchSampler over the step's logits, read back once.
 
