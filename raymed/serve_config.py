@@ -50,10 +50,14 @@ class ServeConfig(Section):
     """On a redeploy, extra replicas (percent of the target) started before old ones drain, so
     requests in flight finish and new ones always find a replica. Needs room for them on the
     cluster (a GPU each on GPUs); 0: Serve stops old replicas first and requests wait meanwhile."""
+    gateway_replicas: int = Field(1, ge=1)
+    """Replicas of the Gateway, the HTTP ingress that validates, templates, tokenizes and
+    frames every request's stream; Serve's proxy spreads requests over them."""
     max_ongoing_requests: int = Field(16, ge=1)
     """Requests one replica takes at once (running plus waiting to join its batch)."""
     max_queued_requests: int = Field(64, ge=-1)
-    """Requests waiting for a replica beyond that; more are refused (`-1`: no limit)."""
+    """Requests waiting for a replica beyond that; more are refused (`-1`: no limit). Serve
+    counts them at each caller, so each Gateway replica holds up to this many."""
     overload_status: Literal[503, 429] = 503
     """The HTTP status of a refused request (it carries `Retry-After`)."""
     retry_after_s: int = Field(1, ge=0)

@@ -2,7 +2,7 @@
 of autoscaled model replicas (raymed.serve.replica.ModelServer, each running a
 continuous-batching engine) and the Retriever (raymed.serve.retriever, the knowledge index
 for grounded answers, scaled on its own), plus a tiny `MetricsStore` that collects every replica's
-figures for `/metrics`.
+figures (the Gateway's replicas' own included) for `/metrics`.
 
 Entry points: `build_app` (the Serve application builder that `serve run` / `serve deploy`
 import: `raymed.serve.app:build_app`, args `config` and `set`) and `build_application`
@@ -63,8 +63,9 @@ def build_application(config: Config, *, model: ServedModel | None = None, admis
                                                retry_after_s=settings.retry_after_s),
         ray_actor_options={"num_cpus": settings.num_cpus, "num_gpus": settings.num_gpus},
     ).bind(config_data, model.directory, store, admission_gate)
-    gateway = serve.deployment(Gateway, name="Gateway", num_replicas=1, max_surge_percent=100,  # it needs no CPU
-                               ray_actor_options={"num_cpus": 0}, max_ongoing_requests=10_000)
+    gateway = serve.deployment(Gateway, name="Gateway", num_replicas=settings.gateway_replicas,
+                               max_surge_percent=100, ray_actor_options={"num_cpus": 0},  # it needs no CPU
+                               max_ongoing_requests=10_000)
     return gateway.bind(config_data, model, replicas, store, api_key(config), bind_retriever(config, retriever_gate))
 
 

@@ -39,6 +39,8 @@ logger = logging.getLogger("ray.serve")
 api = FastAPI(title="raymed", docs_url=None, redoc_url=None, openapi_url=None)
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
+INGRESS_REPORT_EVERY_S = 1.0
+"""How often each of several Gateway replicas pushes its ingress figures to the MetricsStore."""
 
 
 @api.exception_handler(StarletteHTTPException)
@@ -77,6 +79,8 @@ class Gateway:
         self.replicas = model_handle
         self.store = metrics_store
         self.metrics = IngressMetrics()
+        self.gateway_id = serve.get_replica_context().replica_id.unique_id
+        self._reporter: asyncio.Task | None = None
         self._api_key = api_key.encode() if api_key else None
 
     @api.get("/health")
@@ -140,7 +144,19 @@ class Gateway:
             self.metrics.requests.labels(route, str(response.status_code)).inc()
         if response.status_code >= 400:
             logger.info("request %s %s rejected: status=%d", request_id, route, response.status_code)
+        if self._reporter is None and self.config.gateway_replicas > 1:
+            self._reporter = asyncio.create_task(self._report_forever())
         return response
+
+    async def _report_forever(self) -> None:
+        """Push this replica's ingress figures to the MetricsStore, for the scrapes that
+        another Gateway replica answers (see raymed.serve.metrics)."""
+        while True:
+            await asyncio.sleep(INGRESS_REPORT_EVERY_S)
+            try:
+                await self.store.report_ingress.remote(self.gateway_id, self.metrics.families())
+            except Exception:  # the store restarting must not take the Gateway down
+                logger.warning("could not report the ingress metrics", exc_info=True)
 
     def _authorize(self, request: Request) -> None:
         if self._api_key is None:
@@ -161,7 +177,8 @@ class Gateway:
 
     async def _prometheus(self, request: Request, request_id: str) -> Response:
         snapshots = await self.store.snapshots.remote()
-        return Response(self.metrics.render(snapshots), media_type="text/plain; version=0.0.4")
+        other_gateways = await self.store.ingress.remote(self.gateway_id)
+        return Response(self.metrics.render(snapshots, other_gateways), media_type="text/plain; version=0.0.4")
 
     async def _chat(self, request: Request, request_id: str) -> Response:
         body = await self._parse(request, ChatCompletionRequest)

@@ -2,10 +2,12 @@
 
 Each model replica pushes a snapshot of its engine counters (queue depth, running rows,
 batch-size histogram, tokens, cancellations) to one `MetricsStore` (a small Serve
-deployment) every half second while it works and every few seconds while idle. The
-ingress renders the ingress figures and the stored snapshots, labelled `replica`, so one
-scrape of `/metrics` covers every replica, autoscaled ones included. A replica that stops
-reporting (scaled down) drops out after `STALE_AFTER_S`.
+deployment) every half second while it works and every few seconds while idle; so does
+each Gateway replica with its ingress figures. The Gateway replica that answers a scrape
+renders the ingress figures summed over the Gateway replicas (its own live, the others' as
+last pushed) and the model replicas' snapshots, labelled `replica`, so one scrape of
+`/metrics` covers every replica, autoscaled ones included. A replica that stops reporting
+(scaled down) drops out after `STALE_AFTER_S`.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import time
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.metrics_core import Metric
 
 from raymed.serve.engine import BATCH_SIZE_BUCKETS
 
@@ -24,18 +27,32 @@ LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
 
 class MetricsStore:
-    """The latest snapshot from each model replica (the body of a Serve deployment)."""
+    """The latest snapshot from each model replica and the latest ingress figures from each
+    Gateway replica (the body of a Serve deployment)."""
 
     def __init__(self):
         self._latest: dict[str, tuple[float, dict]] = {}
+        self._ingress: dict[str, tuple[float, list[Metric]]] = {}
 
     def report(self, replica: str, snapshot: dict) -> None:
         self._latest[replica] = (time.monotonic(), snapshot)
 
     def snapshots(self) -> dict[str, dict]:
-        now = time.monotonic()
-        self._latest = {r: (t, s) for r, (t, s) in self._latest.items() if now - t < STALE_AFTER_S}
+        self._latest = _fresh(self._latest)
         return {replica: snapshot for replica, (_, snapshot) in self._latest.items()}
+
+    def report_ingress(self, gateway: str, families: list[Metric]) -> None:
+        self._ingress[gateway] = (time.monotonic(), families)
+
+    def ingress(self, besides: str) -> list[list[Metric]]:
+        """The ingress figures of every Gateway replica but `besides` (the one asking)."""
+        self._ingress = _fresh(self._ingress)
+        return [families for gateway, (_, families) in self._ingress.items() if gateway != besides]
+
+
+def _fresh(reports: dict[str, tuple[float, object]]) -> dict[str, tuple[float, object]]:
+    now = time.monotonic()
+    return {source: (at, report) for source, (at, report) in reports.items() if now - at < STALE_AFTER_S}
 
 
 class IngressMetrics:
@@ -56,10 +73,39 @@ class IngressMetrics:
         self.cancelled = Counter("raymed_requests_cancelled", "Streams whose client went away before the end",
                                  ["route"], registry=self.registry)
 
-    def render(self, replica_snapshots: dict[str, dict]) -> bytes:
-        replicas = CollectorRegistry(auto_describe=False)
+    def families(self) -> list[Metric]:
+        """This ingress's figures as Prometheus families (what other Gateway replicas add in)."""
+        return list(self.registry.collect())
+
+    def render(self, replica_snapshots: dict[str, dict], other_gateways: list[list[Metric]] = ()) -> bytes:
+        """The exposition text: the ingress figures summed with `other_gateways`' (each a
+        `families()`), then the model replicas' figures."""
+        ingress, replicas = CollectorRegistry(auto_describe=False), CollectorRegistry(auto_describe=False)
+        ingress.register(_SummedCollector([self.families(), *other_gateways]))
         replicas.register(_ReplicaCollector(replica_snapshots))
-        return generate_latest(self.registry) + generate_latest(replicas)
+        return generate_latest(ingress) + generate_latest(replicas)
+
+
+class _SummedCollector:
+    """Families of the same names from several sources, each sample (name and labels) summed:
+    counters and histogram buckets add up across Gateway replicas."""
+
+    def __init__(self, sources: list[list[Metric]]):
+        self.sources = sources
+
+    def collect(self):
+        merged: dict[str, tuple[Metric, dict]] = {}
+        for families in self.sources:
+            for family in families:
+                into, sums = merged.setdefault(family.name, (Metric(family.name, family.documentation, family.type,
+                                                                    family.unit), {}))
+                for sample in family.samples:
+                    key = (sample.name, tuple(sample.labels.items()))
+                    sums[key] = sums.get(key, 0.0) + sample.value
+        for into, sums in merged.values():
+            for (name, labels), value in sums.items():
+                into.add_sample(name, dict(labels), value)
+            yield into
 
 
 class _ReplicaCollector:
