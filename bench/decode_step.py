@@ -6,6 +6,10 @@ own KV-cache slots; plus the largest difference between the two steps' logits. P
 
 Each step includes what the engine does around the model: the token and position upload
 and reading every row's greedy token back. Without a GPU only the eager step is timed.
+Each batch size also gets its memory-bandwidth bound, `bound_ms`: the bytes one step must
+read (every weight once, and the keys and values of the tokens the rows hold) over the
+bandwidth a large on-device copy reaches in the same run; `*_over_bound` is how many times
+that bound each step takes.
 """
 
 from __future__ import annotations
@@ -32,10 +36,15 @@ def main() -> None:
     on_gpu = torch.cuda.is_available()
     model, _ = load_for_inference(args.model_dir, ServeConfig(num_gpus=1 if on_gpu else 0))
     limit = context_length(Path(args.model_dir))
+    bandwidth = copy_bandwidth(model.device)
     report = {"benchmark": "decode_step", "model": args.model_dir, "device": _device_name(),
-              "dtype": str(model.dtype), "prompt_tokens": args.prompt_tokens, "steps": args.steps, "batches": []}
+              "dtype": str(model.dtype), "prompt_tokens": args.prompt_tokens, "steps": args.steps,
+              "copy_bandwidth_gb_per_s": round(bandwidth / 1e9, 1), "weight_bytes": weight_bytes(model),
+              "batches": []}
     for batch in args.batch:
-        result = {"batch": batch}
+        held_tokens = args.prompt_tokens + 1 + args.steps // 2  # the mean over the timed steps
+        bound_ms = (weight_bytes(model) + kv_bytes_per_token(model) * batch * held_tokens) / bandwidth * 1000
+        result = {"batch": batch, "bound_ms": round(bound_ms, 3)}
         logits = {}
         for graphs in (False, True) if on_gpu else (False,):
             name = "graph" if graphs else "eager"
@@ -43,6 +52,7 @@ def main() -> None:
             logits[name] = greedy_step(step, slots, batch, advance=False).float()  # also captures
             result[f"{name}_ms"] = round(time_steps(step, slots, batch, args.steps) * 1000, 3)
             result[f"{name}_tokens_per_s"] = round(batch / result[f"{name}_ms"] * 1000)
+            result[f"{name}_over_bound"] = round(result[f"{name}_ms"] / bound_ms, 1)
             if graphs:
                 result["graph_captured"] = step.graphs  # False: the capture failed, the step ran eagerly
             del slots, step
@@ -87,6 +97,44 @@ def time_steps(step: DecodeStep, slots: SlotCache, batch: int, steps: int) -> fl
     for _ in range(steps):
         greedy_step(step, slots, batch)
     return (time.perf_counter() - started) / steps
+
+
+def copy_bandwidth(device: torch.device) -> float:
+    """Bytes per second one large copy on `device` moves (each byte read and written)."""
+    size = (1 << 30) if device.type == "cuda" else (256 << 20)
+    source = torch.empty(size, dtype=torch.uint8, device=device)
+    target = torch.empty_like(source)
+    target.copy_(source)  # warm-up: pages touched, kernels loaded
+    _synchronize(device)
+    repeats = 10
+    started = time.perf_counter()
+    for _ in range(repeats):
+        target.copy_(source)
+    _synchronize(device)
+    return 2 * size * repeats / (time.perf_counter() - started)
+
+
+def weight_bytes(model) -> int:
+    """The bytes of weights a decode step reads: all of them (each tied tensor once), but
+    of an untied input embedding only the rows looked up, left out here."""
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    embedding = model.get_input_embeddings().weight
+    if embedding is not model.get_output_embeddings().weight:
+        total -= embedding.numel() * embedding.element_size()
+    return total
+
+
+def kv_bytes_per_token(model) -> int:
+    """The key and value bytes one held token adds to what each step reads, over all layers."""
+    config = model.config.get_text_config()
+    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return 2 * config.num_hidden_layers * heads * head_dim * model.dtype.itemsize
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def _device_name() -> str:

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU figures of issue 11 in one go, on a machine whose Python has torch and transformers
+# The GPU figures of issues 11 and 18 in one go, on a machine whose Python has torch and transformers
 # (Ray and the rest come from .whl/, built by ../shared/tools/device-wheels.sh) and whose
 # RAYMED_CACHE holds the corpus and tokenizers (no model weights: the models are built from
 # configs). Each part writes its JSON to $OUT (default ./gpu-results) as soon as it ends, and a
@@ -54,7 +54,8 @@ for _ in range(240):
     except OSError:
         time.sleep(0.5)
 PY
-LOAD=(--rounds "$ROUNDS" --max-tokens "$TOKENS" --prompt-chars 256 1024)
+# prompts of about 64-1,024 tokens (4 characters each); half the requests sampled, half greedy
+LOAD=(--rounds "$ROUNDS" --max-tokens "$TOKENS" --prompt-chars 256 4096 --sampled-share 0.5)
 part serve_nostream 120 python3 bench/serve_load.py "${LOAD[@]}" --concurrency "${LEVELS[@]}" --no-stream \
   --baseline-model "$MODEL_DIR" --baseline-requests 64 --baseline-batch 64
 part serve_stream 90 python3 bench/serve_load.py "${LOAD[@]}" --concurrency "${STREAM_LEVELS[@]}"

@@ -10,7 +10,9 @@ Chat requests (streamed, greedy unless --temperature) use the user turns of the 
 corpus's validation split. `--temperature/--top-p/--logprobs/--penalties` set the sampling
 fields; `--compare-sampling` runs every level three ways in the same run (greedy; sampled at
 temperature 0.7, top_p 0.9, frequency penalty 0.5; greedy with logprobs, top 5) and reports
-each one's tokens/s against greedy. `--compare-grounding` runs every level with grounding off
+each one's tokens/s against greedy; `--sampled-share F` instead makes that share of every
+level's requests sampled (the "sampled" variant's fields, spread evenly), the rest as given,
+so greedy and sampled rows share the replica's batches. `--compare-grounding` runs every level with grounding off
 and on (the `"grounding"` request extension; the server must have grounding on) and reports
 the grounded level's end-to-end and first-token latency p50 over the ungrounded one's.
 `--burst N` times instead a short prompt's first token when it arrives `--burst-delay` s
@@ -39,10 +41,13 @@ def main() -> None:
         report = asyncio.run(short_behind_burst(args))
         print(json.dumps(report, indent=2))
         return
+    if not 0 <= args.sampled_share <= 1:
+        raise SystemExit(f"--sampled-share must be between 0 and 1, not {args.sampled_share}")
     most = max(args.concurrency) * args.rounds if args.rounds else args.requests
     prompts = load_prompts(max(most, args.baseline_requests or 0), *args.prompt_chars)
     model = args.model or asyncio.run(served_model_name(args.url, args.api_key))
     report = {"url": args.url, "model": model, "max_tokens": args.max_tokens, "stream": args.stream,
+              "sampled_share": args.sampled_share,
               "prompt_chars": args.prompt_chars,
               "requests_per_level": f"{args.rounds} x concurrency" if args.rounds else args.requests,
               "machine": machine(), "levels": []}
@@ -89,6 +94,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--penalties", type=float, metavar="F", help="frequency_penalty F")
     parser.add_argument("--compare-sampling", action="store_true",
                         help="run each level greedy, sampled and with logprobs (see the module docstring)")
+    parser.add_argument("--sampled-share", type=float, default=0.0, metavar="F",
+                        help="share of each level's requests sent with the sampled variant's fields (0 to 1)")
     parser.add_argument("--grounding", choices=["true", "false"],
                         help="send the grounding extension field (default: not sent, the server's default)")
     parser.add_argument("--compare-grounding", action="store_true",
@@ -152,12 +159,15 @@ async def run_level(args, model: str, prompts: list[str], concurrency: int) -> d
     async with aiohttp.ClientSession(headers=_headers(args.api_key), timeout=timeout) as session:
         await asyncio.gather(*(one_request(session, args, model, p) for p in prompts[: args.warmup]))
 
-        async def limited(prompt):
+        sampled = argparse.Namespace(**{**vars(args), **SAMPLING_VARIANTS["sampled"]})
+
+        async def limited(i, prompt):
             async with limit:
-                return await one_request(session, args, model, prompt)
+                return await one_request(session, sampled if is_sampled(i, args.sampled_share) else args, model,
+                                         prompt)
 
         started = time.perf_counter()
-        results = await asyncio.gather(*(limited(p) for p in prompts))
+        results = await asyncio.gather(*(limited(i, p) for i, p in enumerate(prompts)))
         wall = time.perf_counter() - started
     ok = [r for r in results if r["error"] is None]
     tokens = sum(r["completion_tokens"] for r in ok)
@@ -210,6 +220,11 @@ SAMPLING_VARIANTS = {
     "logprobs": {"temperature": 0, "top_p": None, "logprobs": 5, "penalties": None},
 }
 GROUNDING_VARIANTS = {"ungrounded": {"grounding": "false"}, "grounded": {"grounding": "true"}}
+
+
+def is_sampled(index: int, share: float) -> bool:
+    """Whether request `index` of a level is a sampled one: `share` of them, evenly spread."""
+    return int((index + 1) * share) > int(index * share)
 
 
 def sampling_fields(args) -> dict:

@@ -317,7 +317,8 @@ def test_the_load_benchmark_measures_the_endpoint(url):
     assert all(200 <= len(p) <= 400 for p in prompts)
     for stream in (True, False):
         args = argparse.Namespace(url=url, api_key=None, max_tokens=4, warmup=1, stream=stream, temperature=0.7,
-                                  top_p=0.9, logprobs=2, penalties=0.5, grounding=None)
+                                  top_p=0.9, logprobs=2, penalties=0.5, grounding=None,
+                                  sampled_share=0.5 if stream else 0.0)
         level = asyncio.run(bench.run_level(args, MODEL, prompts, concurrency=2))
         assert (level["ok"], level["errors"]) == (4, {})
         assert level["generated_tokens"] == 16 and level["generated_tokens_per_s"] > 0
@@ -338,6 +339,9 @@ def test_the_load_benchmark_compares_each_variant_with_the_greedy_level_before_i
     args = bench._parser().parse_args(["--temperature", "0.7", "--top-p", "0.9", "--logprobs", "5", "--penalties", "0.5"])
     assert bench.sampling_fields(args) == {"temperature": 0.7, "top_p": 0.9, "logprobs": True, "top_logprobs": 5,
                                            "frequency_penalty": 0.5}
+    assert [bench.is_sampled(i, 0.25) for i in range(8)] == [False, False, False, True] * 2
+    assert [bench.is_sampled(i, 0.5) for i in range(4)] == [False, True, False, True]
+    assert not any(bench.is_sampled(i, 0.0) for i in range(8)) and all(bench.is_sampled(i, 1.0) for i in range(8))
     assert bench.sampling_fields(bench._parser().parse_args(["--grounding", "false"])) == {
         "temperature": 0, "grounding": False}
     latency = [{"variant": v, "concurrency": 16, "e2e_s": {"p50": e}, "ttft_s": {"p50": t}}
