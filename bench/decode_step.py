@@ -36,14 +36,13 @@ def main() -> None:
     on_gpu = torch.cuda.is_available()
     model, _ = load_for_inference(args.model_dir, ServeConfig(num_gpus=1 if on_gpu else 0))
     limit = context_length(Path(args.model_dir))
-    bandwidth = copy_bandwidth(model.device)
+    bandwidth, weights = copy_bandwidth(model.device), weight_bytes(model)
+    held_tokens = args.prompt_tokens + 1 + args.steps // 2  # per row, the mean over the timed steps
     report = {"benchmark": "decode_step", "model": args.model_dir, "device": _device_name(),
               "dtype": str(model.dtype), "prompt_tokens": args.prompt_tokens, "steps": args.steps,
-              "copy_bandwidth_gb_per_s": round(bandwidth / 1e9, 1), "weight_bytes": weight_bytes(model),
-              "batches": []}
+              "copy_bandwidth_gb_per_s": round(bandwidth / 1e9, 1), "weight_bytes": weights, "batches": []}
     for batch in args.batch:
-        held_tokens = args.prompt_tokens + 1 + args.steps // 2  # the mean over the timed steps
-        bound_ms = (weight_bytes(model) + kv_bytes_per_token(model) * batch * held_tokens) / bandwidth * 1000
+        bound_ms = (weights + kv_bytes_per_token(model) * batch * held_tokens) / bandwidth * 1000
         result = {"batch": batch, "bound_ms": round(bound_ms, 3)}
         logits = {}
         for graphs in (False, True) if on_gpu else (False,):

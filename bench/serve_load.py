@@ -12,9 +12,10 @@ fields; `--compare-sampling` runs every level three ways in the same run (greedy
 temperature 0.7, top_p 0.9, frequency penalty 0.5; greedy with logprobs, top 5) and reports
 each one's tokens/s against greedy; `--sampled-share F` instead makes that share of every
 level's requests sampled (the "sampled" variant's fields, spread evenly), the rest as given,
-so greedy and sampled rows share the replica's batches. `--compare-grounding` runs every level with grounding off
-and on (the `"grounding"` request extension; the server must have grounding on) and reports
-the grounded level's end-to-end and first-token latency p50 over the ungrounded one's.
+so greedy and sampled rows share the replica's batches. `--compare-grounding` runs every
+level with grounding off and on (the `"grounding"` request extension; the server must have
+grounding on) and reports the grounded level's end-to-end and first-token latency p50 over
+the ungrounded one's.
 `--burst N` times instead a short prompt's first token when it arrives `--burst-delay` s
 after N long prompts (`--prompt-chars`), against the same prompt's first token on the idle
 server (its own prefill), `--burst-rounds` times. Works the same against a GPU deployment
