@@ -44,8 +44,9 @@ class ServeConfig(Section):
     """How long load must stay above target before the autoscaler adds a replica."""
     downscale_delay_s: float = Field(600, ge=0)
     """How long load must stay below target before the autoscaler removes a replica."""
-    autoscale_look_back_s: float = Field(30, gt=0)
-    """The window the autoscaler averages requests in flight over."""
+    autoscale_look_back_s: float = Field(30, gt=10)
+    """The window the autoscaler averages requests in flight over; longer than the 10 s at
+    which Ray Serve's replicas report their load (Ray refuses a shorter one in its next releases)."""
     rolling_surge_percent: int = Field(100, ge=0, le=100)
     """On a redeploy, extra replicas (percent of the target) started before old ones drain, so
     requests in flight finish and new ones always find a replica. Needs room for them on the

@@ -16,6 +16,7 @@ import torch
 from serve_support import metric, save_tiny_model, sse_events, start_app, wait_for, free_port
 
 from raymed.config import load_config
+from raymed.serve.gateway import INGRESS_REPORT_EVERY_S
 from raymed.serve.safety import with_system_prompt
 
 MODEL = "tiny"
@@ -355,18 +356,20 @@ def test_two_gateway_replicas_share_the_requests_and_metrics_sum_them(url):
 
     gateway = serve.status().applications["raymed"].deployments["Gateway"]
     assert gateway.replica_states.get("RUNNING") == 2
-    before = metric(url, "raymed_requests_total", route="models")
-    for _ in range(30):
-        assert requests.get(f"{url}/v1/models", timeout=10).status_code == 200
-    # both replicas served some (the proxy spreads requests over them) and report them ...
     store = serve.get_deployment_handle("MetricsStore", "raymed")
 
-    def served_by_each():
-        counts = [sum(s.value for family in families if family.name == "raymed_requests"
-                      for s in family.samples if s.labels.get("route") == "models")
-                  for families in store.ingress.remote("nobody").result()]
-        return len(counts) == 2 and all(counts) and counts
-    assert wait_for(served_by_each, timeout=30)
-    # ... and a scrape, whichever replica answers it, counts every request once
-    wait_for(lambda: metric(url, "raymed_requests_total", route="models") == before + 30, timeout=30)
-    assert metric(url, "raymed_requests_total", route="models") == before + 30
+    def reported() -> list[float]:
+        """/v1/models requests by Gateway replica, as each last pushed them."""
+        return [sum(s.value for family in families if family.name == "raymed_requests"
+                    for s in family.samples if s.labels.get("route") == "models")
+                for families in store.ingress.remote("nobody").result()]
+
+    time.sleep(2 * INGRESS_REPORT_EVERY_S)  # each replica has pushed what it served so far
+    before = sum(reported())
+    for _ in range(30):
+        assert requests.get(f"{url}/v1/models", timeout=10).status_code == 200
+    # both replicas served some (the proxy spreads requests over them), and once each has
+    # pushed its figures again ...
+    assert wait_for(lambda: len(counts := reported()) == 2 and all(counts) and sum(counts) == before + 30)
+    # ... a scrape, whichever replica answers it, counts every request once
+    assert [metric(url, "raymed_requests_total", route="models") for _ in range(6)] == [before + 30] * 6

@@ -52,7 +52,7 @@ def test_load_brings_up_a_second_replica_and_it_goes_away_after(ray_cluster, tmp
         f"serve.model={save_tiny_model(tmp_path / MODEL, tokenizer_dir)}", "serve.num_cpus=0.5",
         "serve.min_replicas=1", "serve.max_replicas=2", "serve.target_ongoing_requests=1",
         "serve.max_ongoing_requests=4", "serve.upscale_delay_s=0", "serve.downscale_delay_s=2",
-        "serve.autoscale_look_back_s=1"])
+        "serve.autoscale_look_back_s=11"])
     url = start_app(build_application(config, admission_gate=gate), free_port())
     try:
         assert model_replicas() == {"RUNNING": 1}

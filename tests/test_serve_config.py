@@ -39,6 +39,8 @@ def test_the_shipped_serve_yaml_builds_a_valid_config():
         ("serve.port=70000", "serve.port: Input should be less than or equal to 65535 (got 70000)"),
         ("serve.max_batch_size=0", "serve.max_batch_size: Input should be greater than or equal to 1 (got 0)"),
         ("serve.gateway_replicas=0", "serve.gateway_replicas: Input should be greater than or equal to 1 (got 0)"),
+        ("serve.autoscale_look_back_s=5",
+         "serve.autoscale_look_back_s: Input should be greater than 10 (got 5)"),
         ("serve.max_num_batched_tokens=16", "max_num_batched_tokens (16) must be more than max_batch_size (16)"),
     ],
 )
