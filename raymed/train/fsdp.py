@@ -93,7 +93,7 @@ def load_sharded_state(model, optimizer, checkpoint: Path) -> None:
     model_state, optimizer_state = get_state_dict(model, optimizer)
     state = {"model": model_state, "optimizer": optimizer_state}
     try:
-        dcp.load(state, checkpoint_id=checkpoint / SHARDED_DIR, no_dist=not torch.distributed.is_initialized())
+        dcp.load(state, checkpoint_id=checkpoint / SHARDED_DIR)
     except Exception as err:  # DCP wraps every rank's failure in its own exception type
         why = str(err).strip().splitlines()[-1]
         raise RaymedError(f"sharded checkpoint {checkpoint / SHARDED_DIR} does not load into the model being "
