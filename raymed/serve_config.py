@@ -46,7 +46,8 @@ class ServeConfig(Section):
     """How long load must stay below target before the autoscaler removes a replica."""
     autoscale_look_back_s: float = Field(30, gt=10)
     """The window the autoscaler averages requests in flight over; longer than the 10 s at
-    which Ray Serve's replicas report their load (Ray refuses a shorter one in its next releases)."""
+    which Ray Serve's replicas report their load (Ray warns at a shorter one and says a future
+    release will refuse it)."""
     rolling_surge_percent: int = Field(100, ge=0, le=100)
     """On a redeploy, extra replicas (percent of the target) started before old ones drain, so
     requests in flight finish and new ones always find a replica. Needs room for them on the
