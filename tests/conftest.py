@@ -3,11 +3,19 @@ cache, as `raymed assets` would; a second call is a cheap check) and is marked s
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
 from raymed.assets import build_assets, default_cache_dir
+
+# Ray Train's controller polls its workers every 2 s and watches for node preemption
+# (which a one-node test cluster never sees), costing seconds at every start, finish and
+# failure. Set in this process's environment, so every Ray these tests start (the fixture's,
+# a subprocess driver's, `ray start --head`) inherits it.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 
 @pytest.fixture(scope="session")

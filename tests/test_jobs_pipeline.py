@@ -1,7 +1,8 @@
 """End to end against a real cluster: `ray start --head` on loopback, `ray job submit
 --working-dir .` of jobs/pipeline.py (the ci-tiny preset on a small corpus), the deployed
-endpoint queried over HTTP; a resubmission skips what finished, and a changed train field
-re-runs training onward but not the data stage."""
+endpoint queried over HTTP; a resubmission with a changed train field skips what finished
+upstream of it (the data stage) and re-runs training onward. (That an unchanged rerun skips
+every stage is tests/test_pipeline.py's, on the same stage records.)"""
 
 from __future__ import annotations
 
@@ -104,6 +105,7 @@ def ask(port: int) -> dict:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # two pipeline jobs, each starting Ray workers stage by stage: past 900 s on a slow 2-core machine
 def test_pipeline_job_runs_resumes_and_reruns_what_changed(head, default_assets, tmp_path):
     storage, port = tmp_path / "storage", free_port()
     args = ["--config", "ci-tiny", "--set", f"run_name={RUN}", "--set", f"storage_path={storage}",
@@ -130,13 +132,7 @@ def test_pipeline_job_runs_resumes_and_reruns_what_changed(head, default_assets,
     (v1_scores,) = storage.glob("registry/medical-assistant/scores/v1/*.json")  # cached at v1's promotion
     cached_at = v1_scores.stat().st_mtime_ns
 
-    succeeded, logs = head.submit("pipeline-2", *args, *distilling)
-    assert succeeded, logs[-3000:]
-    for stage in ("data", "train", "evaluate", "promote", "distill"):
-        assert f"[pipeline] {stage}: skipped" in logs
-        assert records(storage)[stage]["finished"] == first[stage]["finished"]
-
-    succeeded, logs = head.submit("pipeline-3", *args, "--set", "train.lr=0.002")
+    succeeded, logs = head.submit("pipeline-2", *args, "--set", "train.lr=0.002")
     assert succeeded, logs[-3000:]
     assert "[pipeline] data: skipped" in logs
     for stage in ("train", "evaluate", "promote"):

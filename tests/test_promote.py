@@ -108,7 +108,8 @@ def test_promotion_end_to_end(ray_cluster, tiny_model, tmp_path):
     worse = tiny_model.save(tiny_model(seed=5), tmp_path / "worse")
     config = load_config("ci-tiny", [
         f"storage_path={tmp_path / 'store'}", "model.init=pretrained", f"model.name={base}", "model.architecture={}",
-        "eval.max_items=24", "eval.bootstrap_samples=500", "run_name=e2e"])
+        "eval.max_items=24", "eval.bootstrap_samples=500", "run_name=e2e",
+        "data.max_validation_records=64"])  # a fixed sample of the validation file: enough to rank the three
     registry = Registry.for_config(config)
 
     result = promote_best([better], config, source="trial_1")
