@@ -1,6 +1,6 @@
-"""The chat page at the model's own sampling defaults: the default model converted by
-`raymed assets` (into a fresh cache, so the recommended sampling is what this code writes),
-served for real, asked a medical question in headless Chromium. The page sends no sampling
+"""The chat page at the model's own sampling defaults: the default model as `raymed assets`
+converts it (the session's cache, rebuilt whenever the conversion recipe changes, so the
+recommended sampling is what this code writes), served for real, asked a medical question in headless Chromium. The page sends no sampling
 fields; the answer must be on topic (word salad at temperature 1.0 was what users got)."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from serve_support import free_port, start_app
 
 from raymed.config import load_config
 
-pytestmark = pytest.mark.slow  # about 2 minutes on 2 cores: the conversion, one replica, 64 tokens
+pytestmark = pytest.mark.slow  # about 2 minutes on 2 cores: one replica of the default model, 64 tokens
 
 CHROMIUM = "/usr/bin/chromium"
 QUESTION = "What are the common symptoms of the flu?"
@@ -21,15 +21,12 @@ EXPECTED_TERMS = ("fever", "cough", "sore throat", "headache", "muscle", "fatigu
 
 
 @pytest.fixture(scope="module")
-def url(ray_cluster, tmp_path_factory):
+def url(ray_cluster, default_assets):
     from ray import serve
 
-    from raymed.assets import build_assets
     from raymed.serve.app import build_application
 
-    cache = tmp_path_factory.mktemp("cache")
-    build_assets(cache, ("model",))
-    model_dir = cache / "models" / "smollm2-135m-instruct"
+    model_dir = default_assets / "models" / "smollm2-135m-instruct"
     assert json.loads((model_dir / "generation_config.json").read_text())["temperature"] == 0.2
     config = load_config(None, [f"serve.model={model_dir}", "serve.num_cpus=1", "serve.default_max_tokens=64"])
     yield start_app(build_application(config), free_port())
