@@ -13,7 +13,7 @@ TINY_ARCHITECTURE = dict(hidden_size=64, intermediate_size=128, num_hidden_layer
                          num_key_value_heads=2, max_position_embeddings=2048)
 
 
-def save_tiny_model(out: Path, tokenizer_dir: Path, seed: int = 0) -> Path:
+def save_tiny_model(out: Path, tokenizer_dir: Path, seed: int = 0, context: int = 2048) -> Path:
     """A 2-layer random Llama with the default model's tokenizer and chat template, saved
     as a Hugging Face directory (what a served model is). Same seed, same weights."""
     import torch
@@ -22,7 +22,8 @@ def save_tiny_model(out: Path, tokenizer_dir: Path, seed: int = 0) -> Path:
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=-(-len(tokenizer) // 64) * 64, eos_token_id=tokenizer.eos_token_id,
-                         bos_token_id=tokenizer.bos_token_id, **TINY_ARCHITECTURE)
+                         bos_token_id=tokenizer.bos_token_id,
+                         **TINY_ARCHITECTURE | {"max_position_embeddings": context})
     model = AutoModelForCausalLM.from_config(config)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)

@@ -27,8 +27,10 @@ CAPACITY = REPLICAS * MAX_ONGOING + MAX_QUEUED
 """Requests the app holds at once: one ingress queues `max_queued_requests` for the whole
 deployment (Serve's limit is per caller), on top of what the replicas take."""
 RETRY_AFTER_S = 2
-LONG = 1900
-"""max_tokens of a stream that must still be generating when the test acts (context 2048)."""
+CONTEXT, LONG = 16384, 16000
+"""max_tokens of a stream that must still be generating when the test acts: at least half a
+minute of this model's decoding on a fast core (1,900 tokens, the earlier figure, took 2.3 s,
+and a fast machine finished the stream before the replica kill)."""
 ERROR_FIELDS = {"message", "type", "param", "code"}
 
 
@@ -47,7 +49,7 @@ def url(ray_cluster, gate, tmp_path_factory, default_assets, monkeypatch_module)
 
     monkeypatch_module.delenv("RAYMED_API_KEY", raising=False)
     model_dir = save_tiny_model(tmp_path_factory.mktemp("served") / MODEL,
-                                default_assets / "models" / "smollm2-135m-instruct")
+                                default_assets / "models" / "smollm2-135m-instruct", context=CONTEXT)
     config = load_config(None, [
         f"serve.model={model_dir}", "serve.num_cpus=0.5", f"serve.min_replicas={REPLICAS}",
         f"serve.max_replicas={REPLICAS}", f"serve.max_ongoing_requests={MAX_ONGOING}",
@@ -156,7 +158,7 @@ def test_a_client_gone_mid_stream_cancels_its_generation_and_frees_the_slot(url,
     response, _ = open_stream(url)
     wait_for(lambda: metric(url, "raymed_replica_running") == 1, timeout=30)
 
-    response.close()  # the client goes away after the first chunk of a 1900-token answer
+    response.close()  # the client goes away after the first chunk of a 16,000-token answer
 
     wait_for(lambda: metric(url, "raymed_requests_cancelled_total", route="completions")
              == before["raymed_requests_cancelled_total"] + 1, timeout=30)
