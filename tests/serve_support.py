@@ -13,9 +13,11 @@ TINY_ARCHITECTURE = dict(hidden_size=64, intermediate_size=128, num_hidden_layer
                          num_key_value_heads=2, max_position_embeddings=2048)
 
 
-def save_tiny_model(out: Path, tokenizer_dir: Path, seed: int = 0, context: int = 2048) -> Path:
+def save_tiny_model(out: Path, tokenizer_dir: Path, seed: int = 0,
+                    context: int = TINY_ARCHITECTURE["max_position_embeddings"]) -> Path:
     """A 2-layer random Llama with the default model's tokenizer and chat template, saved
-    as a Hugging Face directory (what a served model is). Same seed, same weights."""
+    as a Hugging Face directory (what a served model is), taking `context` tokens. Same
+    seed, same weights."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 

@@ -1,7 +1,8 @@
 """The chat page at the model's own sampling defaults: the default model as `raymed assets`
 converts it (the session's cache, rebuilt whenever the conversion recipe changes, so the
-recommended sampling is what this code writes), served for real, asked a medical question in headless Chromium. The page sends no sampling
-fields; the answer must be on topic (word salad at temperature 1.0 was what users got)."""
+recommended sampling is what this code writes), served for real, asked a medical question
+in headless Chromium. The page sends no sampling fields; the answer must be on topic (word
+salad at temperature 1.0 was what users got)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from serve_support import free_port, start_app
 
 from raymed.config import load_config
 
-pytestmark = pytest.mark.slow  # about 2 minutes on 2 cores: one replica of the default model, 64 tokens
+pytestmark = pytest.mark.slow  # about 30 s on 2 cores: one replica of the default model, 64 tokens
 
 CHROMIUM = "/usr/bin/chromium"
 QUESTION = "What are the common symptoms of the flu?"

@@ -206,8 +206,9 @@ def test_batch_inference_agrees_with_in_process_scoring(ray_cluster, tiny_model,
 
     base_dir = tiny_model.save(tiny_model(seed=0), tmp_path / "base")
     candidate_dir = tiny_model.save(tiny_model(seed=1), tmp_path / "candidate")
-    config = load_config("ci-tiny", [f"storage_path={tmp_path}", "eval.max_items=16", "eval.actors=2", "data.max_validation_records=64",
-                                     "eval.items_per_batch=3", "eval.bootstrap_samples=500"])
+    config = load_config("ci-tiny", [f"storage_path={tmp_path}", "eval.max_items=16", "eval.actors=2",
+                                     "eval.items_per_batch=3", "eval.bootstrap_samples=500",
+                                     "data.max_validation_records=64"])
     report, path = evaluate(config, candidate_dir, base=base_dir, out_dir=tmp_path / "out")
 
     assert path == tmp_path / "out" / "eval.json" and json.loads(path.read_text()) == report
